@@ -1,0 +1,461 @@
+"""Typed, validated configuration: one trial (:class:`TrialConfig`) and one study (:class:`SearchSpace`).
+
+A trial config is the complete description of one probe-then-finetune job (RoLI, Hua et al., CVPR
+2024, Sec. 4). A search space is a complete base trial config plus the parameters to sample,
+addressed by dotted path into it (``finetune.lr``, ``attack.eps``, ``finetune.method_params.r``),
+with W&B-sweep-like distributions. An exported best config is again a plain trial config.
+
+Every model forbids unknown keys. Loading a YAML file that does not validate raises
+:class:`ConfigError` whose message names each bad key, its value and what is allowed.
+
+Perturbation sizes are L-inf radii in [0, 1] pixel units and may be written as fractions
+(``"8/255"``), which is how the field writes them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config or search space is malformed; the message names the key, the value and what is allowed."""
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Turn ``"8/255"`` into ``8 / 255``; pass anything else through for pydantic to check."""
+    if isinstance(value, str) and "/" in value:
+        num, _, den = value.partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+PixelFraction = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
+"""An L-inf radius or step in [0, 1] pixel units; accepts ``"8/255"``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which images a trial trains, validates and tests on. Samples are (C, H, W) floats in [0, 1]."""
+
+    name: str = Field("digits", description="registered dataset name (roli_sweep.data.DATASETS)")
+    root: str | None = Field(None, description="local folder with the dataset files; None = the dataset's default places")
+    download: bool = Field(False, description="allow a torchvision download when no local copy is found (needs network)")
+    classes: list[int] | None = Field(None, description="class subset, relabelled 0..k-1 in the order given")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the train split held out for validation (stratified, by seed)")
+    train_size: PositiveInt | None = Field(None, description="cap on training images (stratified subsample)")
+    val_size: PositiveInt | None = Field(None, description="cap on validation images (stratified subsample)")
+    test_size: PositiveInt | None = Field(None, description="cap on test images (stratified subsample, fixed seed 0)")
+    image_size: PositiveInt | None = Field(None, description="resize images to this square side in pixels; None keeps the native size")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from roli_sweep.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
+        return name
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0):
+            raise ValueError("needs at least two distinct non-negative class indices")
+        return classes
+
+
+class BackboneConfig(_Strict):
+    """A timm architecture, its kwargs and local pretrained weights. Normalisation happens inside the model."""
+
+    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs (img_size, patch_size, in_chans, embed_dim, depth, num_heads, ...)")
+    weights: str | None = Field(None, description="path to a .safetensors / .pth file, or 'shipped:<name>' for a backbone shipped with roli_sweep; None = random init")
+    mean: list[float] = Field(default_factory=lambda: [0.5], description="per-channel normalisation mean, applied inside the model")
+    std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.5], description="per-channel normalisation std, applied inside the model")
+
+    @field_validator("name")
+    @classmethod
+    def _known_to_timm(cls, name: str) -> str:
+        from roli_sweep.models.backbone import timm_model_exists
+
+        if not timm_model_exists(name):
+            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, weights: str | None) -> str | None:
+        from roli_sweep.models.backbone import resolve_weights
+
+        if weights is not None:
+            resolve_weights(weights)  # raises ValueError naming the shipped names or the missing file
+        return weights
+
+
+class AttackConfig(_Strict):
+    """The training attack: PGD under L-inf (Madry et al., 2018). The paper trains with PGD-7, 2/255 at eps 8/255."""
+
+    eps: PixelFraction = Field(8 / 255, description="L-inf radius in [0, 1] pixel units")
+    steps: int = Field(7, ge=0, description="PGD steps; 0 trains on clean images")
+    step_size: PixelFraction | None = Field(None, description="step in [0, 1] pixel units; None = 2.5 * eps / steps (Madry et al., 2018)")
+    random_start: bool = Field(True, description="start from a uniform point in the eps ball")
+
+
+class EvalConfig(_Strict):
+    """Evaluation attacks, at the training eps: PGD-10 on validation (paper, Sec. 5.1), PGD-20 on test."""
+
+    val_steps: PositiveInt = Field(10, description="PGD steps for validation robust accuracy (model selection, ASHA)")
+    test_steps: PositiveInt = Field(20, description="PGD steps for test robust accuracy")
+    batch_size: PositiveInt = Field(256, description="evaluation batch size")
+
+
+class StageConfig(_Strict):
+    """Optimisation of one stage. The lr schedule is linear warm-up then cosine, stepped per batch."""
+
+    epochs: PositiveInt
+    lr: float = Field(gt=0.0, description="peak learning rate")
+    weight_decay: NonNegativeFloat = 0.0
+    optimizer: Literal["sgd", "adamw"]
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (ignored by AdamW)")
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up length in epochs; the first step already has lr > 0")
+    batch_size: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> StageConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
+        return self
+
+
+class ProbeConfig(StageConfig):
+    """Stage 1, adversarial linear probing: the backbone is frozen, only the head trains (paper: SGD, lr 0.05, wd 0.01)."""
+
+    epochs: PositiveInt = 2
+    lr: float = Field(0.05, gt=0.0)
+    weight_decay: NonNegativeFloat = 0.01
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+
+
+class FinetuneConfig(StageConfig):
+    """Stage 2, adversarial finetuning with a transfer method; the head starts from the probe (RoLI) or at random (RanLI)."""
+
+    method: str = Field("lora", description="registered transfer method (roli_sweep.models.methods.METHODS)")
+    method_params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters, validated by its Params model")
+    head_init: Literal["roli", "random"] = Field("roli", description="roli: head from the stage-1 probe; random: RanLI")
+    epochs: PositiveInt = 6
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: NonNegativeFloat = 0.01
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+
+    @model_validator(mode="after")
+    def _method_and_params(self) -> FinetuneConfig:
+        from roli_sweep.models.methods import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; allowed: {sorted(METHODS)}")
+        try:
+            params = METHODS[self.method].Params.model_validate(self.method_params)
+        except ValidationError as err:
+            raise ValueError(_describe(err, prefix="method_params")) from None
+        resolved = params.model_dump()
+        if resolved != self.method_params:
+            self.method_params = resolved
+        return self
+
+
+class TrialConfig(_Strict):
+    """One complete probe-then-finetune job. Recorded verbatim with every run."""
+
+    seed: int = Field(0, description="seeds the train/val split, weight init, data order and attacks")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
+class TrainConfig(StageConfig):
+    """Optimisation of source-backbone pretraining (AdamW, warm-up then cosine)."""
+
+    epochs: PositiveInt = 8
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: NonNegativeFloat = 0.05
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    warmup_epochs: NonNegativeFloat = 1.0
+    batch_size: PositiveInt = 128
+
+
+class PretrainConfig(_Strict):
+    """How a source backbone is made: standard or PGD adversarial training on a source task."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out: str = Field(description="output path without suffix: writes <out>.safetensors, <out>.json (model card), <out>.yaml")
+    adversarial: bool = Field(description="true: PGD adversarial training (robust backbone); false: standard training")
+    data: DataConfig
+    backbone: BackboneConfig
+    attack: AttackConfig = Field(default_factory=AttackConfig,
+                                 description="threat model: used for training when adversarial, and for the model card's PGD accuracy")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("backbone")
+    @classmethod
+    def _from_scratch(cls, backbone: BackboneConfig) -> BackboneConfig:
+        if backbone.weights is not None:
+            raise ValueError("pretraining starts from random weights: leave backbone.weights unset")
+        return backbone
+
+
+# ----------------------------------------------------------------------------------------------
+# Search spaces
+
+
+class ParameterSpec(_Strict):
+    """How one dotted-path parameter is sampled: ``values`` (categorical) or a distribution with ``min``/``max``."""
+
+    values: list[Any] | None = None
+    distribution: Literal["uniform", "log_uniform_values", "int_uniform"] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParameterSpec:
+        if (self.values is None) == (self.distribution is None):
+            raise ValueError("give either 'values: [...]' or 'distribution' with 'min' and 'max'")
+        if self.values is not None:
+            if not self.values:
+                raise ValueError("'values' must not be empty")
+            if self.min is not None or self.max is not None:
+                raise ValueError("'min'/'max' go with 'distribution', not with 'values'")
+            return self
+        if self.min is None or self.max is None:
+            raise ValueError(f"distribution {self.distribution!r} needs both 'min' and 'max'")
+        if not self.min < self.max:
+            raise ValueError(f"'min' ({self.min}) must be smaller than 'max' ({self.max})")
+        if self.distribution == "log_uniform_values" and self.min <= 0:
+            raise ValueError(f"log_uniform_values needs min > 0, got {self.min}")
+        if self.distribution == "int_uniform" and not (float(self.min).is_integer() and float(self.max).is_integer()):
+            raise ValueError(f"int_uniform needs integer min and max, got {self.min} and {self.max}")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that must all give a valid trial config: every categorical value, or both bounds."""
+        if self.values is not None:
+            return list(self.values)
+        if self.distribution == "int_uniform":
+            return [int(self.min), int(self.max)]
+        return [self.min, self.max]
+
+
+class MetricSpec(_Strict):
+    """The metric the sweep optimises and ASHA prunes on."""
+
+    name: Literal["val_robust_acc", "val_clean_acc"] = "val_robust_acc"
+    goal: Literal["maximize"] = "maximize"
+
+
+class Resources(_Strict):
+    """Resources per trial, as Ray Tune counts them; fractional GPUs are allowed."""
+
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class SchedulerConfig(_Strict):
+    """ASHA (Li et al., 2020) over finetune epochs: rungs at grace_period * reduction_factor**k."""
+
+    grace_period: PositiveInt = Field(2, description="finetune epochs before a trial can be stopped; keep it after warm-up")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: PositiveInt | None = Field(None, description="last rung in epochs; None = finetune.epochs")
+
+
+class SearchSpace(_Strict):
+    """A study: a base trial config, the parameters to sample, the metric, the budget and the scheduler."""
+
+    name: str = Field(description="study name; the MLflow experiment")
+    metric: MetricSpec = Field(default_factory=MetricSpec)
+    num_samples: PositiveInt = 8
+    max_concurrent: PositiveInt = 2
+    seed: int = Field(0, description="seeds the Optuna TPE sampler")
+    resources: Resources = Field(default_factory=Resources)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    base: TrialConfig
+    parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpace:
+        epochs = self.base.finetune.epochs
+        max_t = self.scheduler.max_t or epochs
+        if max_t > epochs:
+            raise ValueError(f"scheduler.max_t ({max_t}) exceeds base.finetune.epochs ({epochs})")
+        if self.scheduler.grace_period > max_t:
+            raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds max_t ({max_t})")
+        if "finetune.epochs" in self.parameters:
+            raise ValueError("finetune.epochs cannot be sampled: ASHA counts finetune epochs up to a fixed max_t")
+        if self.scheduler.grace_period <= self.base.finetune.warmup_epochs:
+            raise ValueError(
+                f"scheduler.grace_period ({self.scheduler.grace_period}) must come after the warm-up "
+                f"(base.finetune.warmup_epochs = {self.base.finetune.warmup_epochs}): "
+                "ASHA would compare trials before they train (../shared/PAPER.md)"
+            )
+        return self
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
+        """The base config with ``sampled`` ({dotted path: value}) filled in, validated.
+
+        Raises:
+            ConfigError: a path does not exist in the trial config, or a value is not allowed there.
+        """
+        return apply_overrides(self.base, sampled)
+
+
+def apply_overrides(base: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """Return ``base`` with ``{dotted.path: value}`` overrides applied and the result validated.
+
+    Raises:
+        ConfigError: unknown path, or a value the trial config does not allow.
+    """
+    tree = base.model_dump()
+    for path, value in overrides.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for i, key in enumerate(parents):
+            if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
+                raise ConfigError(f"key {path!r}: {'.'.join(parents[: i + 1])!r} is not a section of the trial config")
+            node = node[key]
+        if leaf not in node:
+            raise ConfigError(f"key {path!r}: no such setting; allowed here: {sorted(node)}")
+        node[leaf] = value
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, values=overrides)) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, prefix=f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _describe(err: ValidationError, prefix: str = "", values: dict[str, Any] | None = None) -> str:
+    """One line per pydantic error: the dotted key, the value given and what is allowed."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"key {key!r}: unknown key (value {e['input']!r})")
+        elif e["type"] == "missing":
+            lines.append(f"key {key!r}: required but missing")
+        elif e["type"] in ("value_error", "assertion_error") and isinstance(e["input"], dict):
+            lines.append(f"key {key or '<top level>'!r}: {msg}")
+        else:
+            lines.append(f"key {key!r}: value {e['input']!r} not allowed: {msg}")
+    if values:
+        lines.append(f"(while applying {values})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"file {str(path)!r}: the top level must be a mapping, got {type(tree).__name__}")
+    return tree
+
+
+def _load(model: type[BaseModel], path: str | Path) -> Any:
+    try:
+        return model.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise ConfigError(f"{path}:\n{_describe(err)}") from None
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Read and validate a trial config YAML.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or any invalid key (all named in the message).
+    """
+    return _load(TrialConfig, path)
+
+
+def load_pretrain_config(path: str | Path) -> PretrainConfig:
+    """Read and validate a pretraining config YAML.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or any invalid key (all named in the message).
+    """
+    return _load(PretrainConfig, path)
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and fully validate a search space YAML, including every sampled value against the trial config.
+
+    ``name`` defaults to the file's stem. Each categorical value and both bounds of each
+    distribution are applied to the base config and validated, so a sweep never starts trials
+    that would fail on their config.
+
+    Raises:
+        ConfigError: naming the key, the value given and what is allowed.
+    """
+    tree = _read_yaml(path)
+    tree.setdefault("name", Path(path).stem)
+    try:
+        space = SearchSpace.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{path}:\n{_describe(err)}") from None
+    problems = []
+    for dotted, spec in space.parameters.items():
+        for value in spec.candidates():
+            try:
+                space.trial_config({dotted: value})
+            except ConfigError as err:
+                problems.append(f"parameters.{dotted}: value {value!r}: {err}".split("\n(while")[0])
+    if problems:
+        raise ConfigError(f"{path}:\n" + "\n".join(problems))
+    return space
+
+
+def dump_yaml(config: BaseModel) -> str:
+    """A config as YAML, keys in declaration order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,1 @@
+"""Backbones and the transfer methods that adapt them."""

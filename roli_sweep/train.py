@@ -1,0 +1,145 @@
+"""The adversarial training epoch and the clean + robust evaluation, shared by both stages of a trial.
+
+Schedules and optimisers are explicit (../shared/PAPER.md lists what the reference code got
+wrong): linear warm-up whose first step already has a non-zero learning rate, then cosine decay
+to zero, stepped once per batch; SGD or AdamW exactly as configured, whatever the weight decay.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from roli_sweep.attacks import pgd
+from roli_sweep.config import AttackConfig, StageConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu.
+
+    Raises:
+        RuntimeError: ``cuda`` asked for but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def step_size(attack: AttackConfig, steps: int) -> float:
+    """The configured PGD step, or 2.5 * eps / steps (Madry et al., 2018) when unset; [0, 1] pixel units."""
+    if attack.step_size is not None:
+        return attack.step_size
+    return 2.5 * attack.eps / max(steps, 1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A loader over in-memory tensors; the shuffle order is fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False)
+
+
+def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW at the stage's peak lr and weight decay, exactly as configured."""
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def warmup_cosine(stage: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """lr factor for optimiser step ``i`` (0-based): ``(i + 1) / warmup`` during warm-up, then cosine to 0."""
+    total = stage.epochs * steps_per_epoch
+    warmup = round(stage.warmup_epochs * steps_per_epoch)
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class EpochStats:
+    """One training epoch: mean adversarial cross-entropy, accuracy on the adversarial batches, throughput."""
+
+    train_loss: float
+    train_robust_acc: float
+    images_per_s: float
+    lr: float
+
+
+def adversarial_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    attack: AttackConfig,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> EpochStats:
+    """Train one epoch on PGD adversarial examples of every batch (attack computed in eval mode).
+
+    Args:
+        loader: batches of images (B, C, H, W) in [0, 1] and labels (B,).
+        attack: the training threat model (eps, steps, step size, random start).
+        generator: RNG for the attacks' random starts (on ``device``).
+    """
+    model.train()
+    step = step_size(attack, attack.steps)
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x_adv = pgd(model, x, y, attack.eps, step, attack.steps, attack.random_start, generator)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    elapsed = time.perf_counter() - start
+    return EpochStats(total_loss / seen, correct / seen, seen / elapsed, scheduler.get_last_lr()[0])
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1) == y
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    attack: AttackConfig,
+    steps: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Clean accuracy and PGD-``steps`` robust accuracy at ``attack.eps``, model in eval mode.
+
+    Returns:
+        ``(clean_acc, robust_acc)``, fractions in [0, 1].
+    """
+    was_training = model.training
+    model.eval()
+    step = step_size(attack, steps)
+    clean, robust, seen = 0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        clean += _correct(model, x, y).sum().item()
+        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, generator)
+        robust += _correct(model, x_adv, y).sum().item()
+        seen += len(y)
+    model.train(was_training)
+    return clean / seen, robust / seen

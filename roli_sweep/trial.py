@@ -1,0 +1,145 @@
+"""One trial: adversarial linear probing, then adversarial finetuning (RoLI, Hua et al., CVPR 2024).
+
+Stage 1 trains only the head of the frozen pretrained backbone on PGD adversarial examples and
+keeps the head of the epoch with the best validation robust accuracy. Stage 2 starts the head from
+that probe (``head_init: roli``) or from the same random initialisation the probe started from
+(``head_init: random``, RanLI), applies the transfer method and finetunes adversarially, reporting
+every epoch. After the last epoch the epoch with the best validation robust accuracy (paper,
+Sec. 5.1: model selection on robust validation accuracy) is restored and tested once.
+
+The same :func:`run_trial` serves a sweep trial, ``run_sweep.py train`` and the tests; it knows
+nothing of Ray: it calls the ``on_epoch`` callable it is given.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from roli_sweep.config import StageConfig, TrialConfig
+from roli_sweep.data import DataSplits, load_splits
+from roli_sweep.models.backbone import NormalizedModel, build_backbone
+from roli_sweep.models.methods import apply_method, freeze_all_but_head, trainable_parameter_count
+from roli_sweep.train import adversarial_epoch, evaluate, make_loader, make_optimizer, resolve_device, warmup_cosine
+
+OnEpoch = Callable[[str, dict[str, float]], None]
+"""Called as ``on_epoch(stage, metrics)`` after every epoch; stage is ``"probe"`` or ``"finetune"``."""
+
+
+@dataclass
+class TrialResult:
+    """What a trial measured. Accuracies are fractions in [0, 1]."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _state_of(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """A detached copy of the named parameters and of every buffer."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    params.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return params
+
+
+class _Stage:
+    """Runs the epochs of one stage and remembers the trainable state of the best robust epoch."""
+
+    def __init__(self, model: nn.Module, stage: StageConfig, cfg: TrialConfig, splits: DataSplits,
+                 device: torch.device, generator: torch.Generator, seed: int) -> None:
+        self.model, self.stage, self.cfg, self.device, self.generator = model, stage, cfg, device, generator
+        self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed)
+        self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed)
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(params, stage)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(stage, len(self.train_loader)))
+        self.best: dict[str, float] = {"val_robust_acc": -1.0}
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        for epoch in range(1, self.stage.epochs + 1):
+            stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
+                                      self.cfg.attack, self.device, self.generator)
+            clean, robust = evaluate(self.model, self.val_loader, self.cfg.attack, self.cfg.eval.val_steps,
+                                     self.device, self.generator)
+            metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
+                       "lr": stats.lr, "train_images_per_s": stats.images_per_s,
+                       "val_clean_acc": clean, "val_robust_acc": robust}
+            if robust > self.best["val_robust_acc"]:
+                self.best = {"best_epoch": epoch, "val_clean_acc": clean, "val_robust_acc": robust}
+                self.best_state = _state_of(self.model, self.trainable)
+            metrics["best_val_robust_acc"] = self.best["val_robust_acc"]
+            yield metrics
+
+    def restore_best(self) -> None:
+        self.model.load_state_dict(self.best_state, strict=False)
+
+
+def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
+    """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
+
+    Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
+    ``val_robust_acc`` under PGD-``eval.val_steps``, ...) go to ``on_epoch("finetune", m)``, each
+    carrying the probe's best ``probe_val_clean_acc`` / ``probe_val_robust_acc``; the last one
+    also carries ``test_clean_acc`` and ``test_robust_acc`` (PGD-``eval.test_steps``) of the
+    restored best epoch, ``best_epoch`` and ``trial_seconds``.
+
+    Raises:
+        ValueError / FileNotFoundError: data or weights that cannot be loaded.
+    """
+    started = time.perf_counter()
+    on_epoch = on_epoch or (lambda stage, metrics: None)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
+    model: NormalizedModel = build_backbone(cfg.backbone, splits.num_classes).to(device)
+    initial_head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    history: list[dict[str, float]] = []
+
+    # Stage 1: adversarial linear probing on the frozen backbone.
+    freeze_all_but_head(model)
+    probe = _Stage(model, cfg.probe, cfg, splits, device, generator, cfg.seed)
+    for metrics in probe.epochs():
+        history.append({"stage": "probe", **metrics})
+        on_epoch("probe", metrics)
+    probe.restore_best()
+    probe_metrics = {"probe_val_clean_acc": probe.best["val_clean_acc"],
+                     "probe_val_robust_acc": probe.best["val_robust_acc"]}
+
+    # Stage 2: the head starts from the probe (RoLI) or from its random initialisation (RanLI).
+    if cfg.finetune.head_init == "random":
+        model.head.load_state_dict(initial_head)
+    apply_method(model, cfg.finetune.method, cfg.finetune.method_params)
+    model.to(device)
+    constants = {**probe_metrics, "trainable_params": trainable_parameter_count(model)}
+    finetune = _Stage(model, cfg.finetune, cfg, splits, device, generator, cfg.seed + 1)
+    final: dict[str, float] = {}
+    for metrics in finetune.epochs():
+        metrics.update(constants)
+        if metrics["epoch"] == cfg.finetune.epochs:
+            finetune.restore_best()
+            test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+            test_clean, test_robust = evaluate(model, test_loader, cfg.attack, cfg.eval.test_steps, device,
+                                               torch.Generator(device).manual_seed(cfg.seed + 2))
+            final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
+                     "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
+            metrics.update(final)
+        history.append({"stage": "finetune", **metrics})
+        on_epoch("finetune", metrics)
+    summary = {**constants, **final,
+               "val_clean_acc": finetune.best["val_clean_acc"], "val_robust_acc": finetune.best["val_robust_acc"]}
+    return TrialResult(summary, history)
