@@ -61,7 +61,7 @@ def pgd(
         y: labels (B,), int64.
         eps: L-inf radius in [0, 1] pixel units (e.g. 8/255).
         step_size: signed-gradient step in [0, 1] pixel units (e.g. 2/255).
-        steps: number of ascent steps; 0 returns ``x`` (or the random start).
+        steps: number of ascent steps; 0 returns ``x`` unchanged (clean training / evaluation).
         random_init: start from a uniform point in the eps ball.
         generator: torch RNG for the random start (reproducible attacks).
 
@@ -70,9 +70,9 @@ def pgd(
         for each example the iterate with the highest cross-entropy among all visited.
     """
     x = x.detach()
-    x_adv = random_start(x, eps, generator) if random_init and eps > 0 else x.clone()
     if steps == 0 or eps == 0:
-        return x_adv
+        return x.clone()  # no attack: clean images (no random start either)
+    x_adv = random_start(x, eps, generator) if random_init else x.clone()
     best = x_adv.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
     with eval_mode(model), torch.enable_grad():

@@ -75,6 +75,11 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
         return name
 
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, root: str | None) -> str | None:
+        return None if root is None else str(Path(root).expanduser().resolve())
+
     @field_validator("classes")
     @classmethod
     def _distinct(cls, classes: list[int] | None) -> list[int] | None:
@@ -106,9 +111,11 @@ class BackboneConfig(_Strict):
     def _weights_exist(cls, weights: str | None) -> str | None:
         from roli_sweep.models.backbone import resolve_weights
 
-        if weights is not None:
-            resolve_weights(weights)  # raises ValueError naming the shipped names or the missing file
-        return weights
+        if weights is None:
+            return None
+        path = resolve_weights(weights)  # raises ValueError naming the shipped names or the missing file
+        # Absolute, so Ray workers (other working directories) and exported configs find the same file.
+        return weights if weights.startswith("shipped:") else str(path.resolve())
 
 
 class AttackConfig(_Strict):

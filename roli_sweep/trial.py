@@ -20,7 +20,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from roli_sweep.config import StageConfig, TrialConfig
 from roli_sweep.data import DataSplits, load_splits
@@ -82,64 +81,99 @@ class _Stage:
                 self.best = {"best_epoch": epoch, "val_clean_acc": clean, "val_robust_acc": robust}
                 self.best_state = _state_of(self.model, self.trainable)
             metrics["best_val_robust_acc"] = self.best["val_robust_acc"]
+            metrics["best_val_clean_acc"] = self.best["val_clean_acc"]
             yield metrics
 
     def restore_best(self) -> None:
         self.model.load_state_dict(self.best_state, strict=False)
 
 
+@dataclass
+class Prepared:
+    """A trial's model, data and RNG, ready for stage 1."""
+
+    model: NormalizedModel
+    splits: DataSplits
+    device: torch.device
+    generator: torch.Generator
+    initial_head: dict[str, torch.Tensor]
+
+
+@dataclass
+class ProbeOutcome:
+    """Stage 1's result: the head of its best robust epoch, and that epoch's val accuracies."""
+
+    head: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+def prepare(cfg: TrialConfig) -> Prepared:
+    """Seed everything, load the data and build the backbone with a fresh head (kept for RanLI)."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    splits = load_splits(cfg.data, cfg.seed)
+    model = build_backbone(cfg.backbone, splits.num_classes).to(device)
+    initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+    return Prepared(model, splits, device, torch.Generator(device).manual_seed(cfg.seed), initial_head)
+
+
+def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutcome:
+    """Stage 1: adversarial linear probing of the frozen backbone; leaves the best head in the model."""
+    freeze_all_but_head(prep.model)
+    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.device, prep.generator, cfg.seed)
+    for metrics in probe.epochs():
+        on_epoch("probe", metrics)
+    probe.restore_best()
+    head = {k: v.detach().clone() for k, v in prep.model.head.state_dict().items()}
+    return ProbeOutcome(head, {"probe_val_clean_acc": probe.best["val_clean_acc"],
+                               "probe_val_robust_acc": probe.best["val_robust_acc"]})
+
+
+def init_finetune_head(cfg: TrialConfig, prep: Prepared, probe: ProbeOutcome) -> None:
+    """Set the stage-2 head: the probe's (``roli``) or the probe's own random start (``random``, RanLI)."""
+    prep.model.head.load_state_dict(probe.head if cfg.finetune.head_init == "roli" else prep.initial_head)
+
+
 def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
     """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
 
     Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
-    ``val_robust_acc`` under PGD-``eval.val_steps``, ...) go to ``on_epoch("finetune", m)``, each
-    carrying the probe's best ``probe_val_clean_acc`` / ``probe_val_robust_acc``; the last one
-    also carries ``test_clean_acc`` and ``test_robust_acc`` (PGD-``eval.test_steps``) of the
-    restored best epoch, ``best_epoch`` and ``trial_seconds``.
+    ``val_robust_acc`` under PGD-``eval.val_steps``, ``best_val_*``, ...) go to
+    ``on_epoch("finetune", m)``, each carrying the probe's best ``probe_val_clean_acc`` /
+    ``probe_val_robust_acc``; the last one also carries ``test_clean_acc`` and ``test_robust_acc``
+    (PGD-``eval.test_steps``) of the restored best epoch, ``best_epoch`` and ``trial_seconds``.
+    Probe epochs go to ``on_epoch("probe", m)``.
 
     Raises:
         ValueError / FileNotFoundError: data or weights that cannot be loaded.
     """
     started = time.perf_counter()
-    on_epoch = on_epoch or (lambda stage, metrics: None)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    splits = load_splits(cfg.data, cfg.seed)
-    model: NormalizedModel = build_backbone(cfg.backbone, splits.num_classes).to(device)
-    initial_head = {k: v.clone() for k, v in model.head.state_dict().items()}
     history: list[dict[str, float]] = []
 
-    # Stage 1: adversarial linear probing on the frozen backbone.
-    freeze_all_but_head(model)
-    probe = _Stage(model, cfg.probe, cfg, splits, device, generator, cfg.seed)
-    for metrics in probe.epochs():
-        history.append({"stage": "probe", **metrics})
-        on_epoch("probe", metrics)
-    probe.restore_best()
-    probe_metrics = {"probe_val_clean_acc": probe.best["val_clean_acc"],
-                     "probe_val_robust_acc": probe.best["val_robust_acc"]}
+    def record(stage: str, metrics: dict[str, float]) -> None:
+        history.append({"stage": stage, **metrics})
+        if on_epoch is not None:
+            on_epoch(stage, metrics)
 
-    # Stage 2: the head starts from the probe (RoLI) or from its random initialisation (RanLI).
-    if cfg.finetune.head_init == "random":
-        model.head.load_state_dict(initial_head)
-    apply_method(model, cfg.finetune.method, cfg.finetune.method_params)
-    model.to(device)
-    constants = {**probe_metrics, "trainable_params": trainable_parameter_count(model)}
-    finetune = _Stage(model, cfg.finetune, cfg, splits, device, generator, cfg.seed + 1)
+    prep = prepare(cfg)
+    probe = run_probe(cfg, prep, record)
+    init_finetune_head(cfg, prep, probe)
+    apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
+    prep.model.to(prep.device)
+    constants = {**probe.metrics, "trainable_params": trainable_parameter_count(prep.model)}
+    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.device, prep.generator, cfg.seed + 1)
     final: dict[str, float] = {}
     for metrics in finetune.epochs():
         metrics.update(constants)
         if metrics["epoch"] == cfg.finetune.epochs:
             finetune.restore_best()
-            test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-            test_clean, test_robust = evaluate(model, test_loader, cfg.attack, cfg.eval.test_steps, device,
-                                               torch.Generator(device).manual_seed(cfg.seed + 2))
+            test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+            test_clean, test_robust = evaluate(prep.model, test_loader, cfg.attack, cfg.eval.test_steps, prep.device,
+                                               torch.Generator(prep.device).manual_seed(cfg.seed + 2))
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
                      "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
             metrics.update(final)
-        history.append({"stage": "finetune", **metrics})
-        on_epoch("finetune", metrics)
+        record("finetune", metrics)
     summary = {**constants, **final,
                "val_clean_acc": finetune.best["val_clean_acc"], "val_robust_acc": finetune.best["val_robust_acc"]}
     return TrialResult(summary, history)

@@ -1,0 +1,144 @@
+"""Command line: ``sweep`` (the default), ``train``, ``export`` and ``pretrain``.
+
+Bad input (a malformed search space or config, an unknown sweep) prints one message naming the
+key, the value and what is allowed, exits with status 2 and starts nothing: configs are validated
+before Ray or MLflow are imported.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from roli_sweep.config import ConfigError, load_pretrain_config, load_search_space, load_trial_config
+
+COMMANDS = ("sweep", "train", "export", "pretrain")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+console = Console()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_sweep.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run a study over a search space (default command)")
+    sweep.add_argument("--space", type=Path, default=Path("search_spaces/lora.yaml"), help="search space YAML")
+    sweep.add_argument("--num-samples", type=int, help="override the space's num_samples")
+    sweep.add_argument("--max-concurrent", type=int, help="override the space's max_concurrent")
+    sweep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    sweep.add_argument("--name", help="sweep name (default: <space name>-<timestamp>); required with --resume")
+    sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    sweep.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://host:10001)")
+    sweep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime (default: all)")
+    sweep.add_argument("--storage-path", type=Path, default=Path("ray_results"), help="Ray Tune storage folder")
+
+    train = sub.add_parser("train", help="run one trial config without Ray and log it to MLflow")
+    train.add_argument("--config", type=Path, required=True, help="trial config YAML (e.g. an exported one)")
+    train.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    train.add_argument("--experiment", default="roli_sweep-train", help="MLflow experiment")
+
+    export = sub.add_parser("export", help="write the best trials of a sweep as trial-config YAML files")
+    export.add_argument("--name", required=True, help="sweep name")
+    export.add_argument("--top-k", type=int, default=3)
+    export.add_argument("--out", type=Path, default=Path("exported"))
+    export.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+
+    pretrain = sub.add_parser("pretrain", help="make a source backbone with a model card")
+    pretrain.add_argument("--config", type=Path, required=True, help="pretraining config YAML")
+    return parser
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag}: value {value} not allowed: must be a positive integer")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    _positive(args.num_samples, "--num-samples")
+    _positive(args.max_concurrent, "--max-concurrent")
+    if args.resume and not args.name:
+        raise ConfigError("--resume needs --name: the sweep to continue")
+    space = load_search_space(args.space)
+    overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
+    space = space.model_copy(update=overrides)
+
+    from roli_sweep.sweep import default_sweep_name, run_sweep  # imports Ray: only after validation
+
+    name = args.name or default_sweep_name(space)
+    console.print(f"[bold]sweep[/] {name}: {space.num_samples} trials of {space.base.finetune.method}, "
+                  f"sampling {', '.join(space.parameters) or 'nothing'}")
+    outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
+                        num_cpus=args.num_cpus, resume=args.resume)
+    table = Table(title=f"sweep {name}: accuracies at the best val robust epoch (val PGD-{space.base.eval.val_steps}, "
+                        f"test PGD-{space.base.eval.test_steps}, eps {space.base.attack.eps * 255:.3g}/255)")
+    table.add_column("trial")
+    for key in space.parameters:
+        table.add_column(key.split(".")[-1], justify="right")
+    for column in ("status", "epochs", "val clean", "val robust", "test clean", "test robust"):
+        table.add_column(column, justify="right")
+    for row in sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1)):
+        sampled = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.sampled.get(k) for k in space.parameters)]
+        table.add_row(row.trial_id, *sampled, row.status, str(row.epochs), _fmt(row.val_clean_acc),
+                      _fmt(row.val_robust_acc), _fmt(row.test_clean_acc), _fmt(row.test_robust_acc))
+    console.print(table)
+    for row in outcome.rows:
+        if row.error:
+            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}")
+    console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
+                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    console.print(f"export the best: python run_sweep.py export --name {name} --top-k 3 --out exported "
+                  f"--tracking-uri {outcome.tracking_uri}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_trial_config(args.config)
+    from roli_sweep.single_run import train_logged
+
+    metrics = train_logged(cfg, args.config, args.tracking_uri, args.experiment, console)
+    console.print({k: round(v, 4) for k, v in metrics.items()})
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _positive(args.top_k, "--top-k")
+    from roli_sweep.export import ExportError, export_best
+
+    try:
+        paths = export_best(args.tracking_uri, args.name, args.top_k, args.out)
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    for path in paths:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_pretrain_config(args.config)
+    from roli_sweep.pretrain import pretrain
+
+    card = pretrain(cfg, on_epoch=lambda m: console.print({k: round(v, 4) for k, v in m.items()}))
+    console.print(f"wrote {cfg.out}.safetensors / .json / .yaml: test clean {card['evaluation']['clean_acc']:.4f}, "
+                  f"PGD-{cfg.eval.val_steps} {card['evaluation']['pgd_acc']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``run_sweep.py``; returns the exit status (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "sweep")
+    args = _parser().parse_args(argv)
+    handler = {"sweep": cmd_sweep, "train": cmd_train, "export": cmd_export, "pretrain": cmd_pretrain}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        return 2

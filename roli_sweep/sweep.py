@@ -1,0 +1,177 @@
+"""A study on Ray Tune: Optuna TPE samples, ASHA prunes on validation robust accuracy, MLflow records.
+
+Each Ray Tune trial runs :func:`roli_sweep.trial.run_trial` on the search space's base config with
+the sampled values filled in, reporting once per finetune epoch; ASHA's ``time_attr`` is that
+``epoch``, so rungs count finetune epochs (grace period first). Trials that raise are recorded as
+failed and the sweep goes on. References: Ray Tune ``Tuner`` / ``OptunaSearch`` /
+``ASHAScheduler`` docs; Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in the home folder, no warning
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials run in the driver's working directory
+
+import optuna  # noqa: E402
+import ray  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
+from roli_sweep.tracking import MlflowTrialCallback, finish_parent_run, start_parent_run, trial_status  # noqa: E402
+
+
+def tune_domain(spec: ParameterSpec) -> Any:
+    """The Ray Tune sampling domain of one parameter (int_uniform includes ``max``)."""
+    if spec.values is not None:
+        return tune.choice(spec.values)
+    if spec.distribution == "uniform":
+        return tune.uniform(spec.min, spec.max)
+    if spec.distribution == "log_uniform_values":
+        return tune.loguniform(spec.min, spec.max)
+    return tune.randint(int(spec.min), int(spec.max) + 1)
+
+
+def run_tune_trial(config: dict[str, Any], base: dict[str, Any], threads: int) -> None:
+    """The Ray Tune function trainable: one probe-then-finetune trial, reporting each finetune epoch."""
+    import torch
+
+    from roli_sweep.trial import run_trial
+
+    torch.set_num_threads(threads)
+    cfg = apply_overrides(TrialConfig.model_validate(base), config)
+    run_trial(cfg, on_epoch=lambda stage, metrics: tune.report(metrics) if stage == "finetune" else None)
+
+
+@dataclass
+class TrialRow:
+    """One line of the end-of-sweep table. Accuracies are fractions in [0, 1] (None if never reported)."""
+
+    trial_id: str
+    sampled: dict[str, Any]
+    status: str
+    epochs: int
+    val_clean_acc: float | None
+    val_robust_acc: float | None
+    test_clean_acc: float | None
+    test_robust_acc: float | None
+    error: str | None = None
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep did: its name, the trials, where things are stored."""
+
+    name: str
+    rows: list[TrialRow]
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    storage_path: Path
+
+    def best(self) -> TrialRow | None:
+        """The completed trial with the highest best validation robust accuracy."""
+        done = [r for r in self.rows if r.status == "completed" and r.val_robust_acc is not None]
+        return max(done, key=lambda r: r.val_robust_acc) if done else None
+
+
+def default_sweep_name(space: SearchSpace) -> str:
+    """``<space name>-<YYYYmmdd-HHMMSS>``."""
+    return f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _rows(results: tune.ResultGrid, base: TrialConfig) -> list[TrialRow]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        cfg = apply_overrides(base, config)
+        status = trial_status(cfg, metrics.get("epoch"), result.error is not None)
+        rows.append(TrialRow(
+            trial_id=metrics.get("trial_id") or Path(result.path).name, sampled=config, status=status,
+            epochs=int(metrics.get("epoch", 0)), val_clean_acc=metrics.get("best_val_clean_acc"),
+            val_robust_acc=metrics.get("best_val_robust_acc"), test_clean_acc=metrics.get("test_clean_acc"),
+            test_robust_acc=metrics.get("test_robust_acc"),
+            error=str(result.error).splitlines()[0][:200] if result.error else None))
+    return rows
+
+
+def run_sweep(
+    space: SearchSpace,
+    space_path: Path,
+    name: str,
+    tracking_uri: str,
+    storage_path: Path,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool = False,
+) -> SweepOutcome:
+    """Run (or resume) the study described by ``space``.
+
+    Args:
+        space: the validated search space (``num_samples`` / ``max_concurrent`` already final).
+        space_path: the YAML it came from (logged as the parent run's artifact).
+        name: sweep name: Ray Tune experiment folder and MLflow parent run name / ``sweep`` tag.
+        tracking_uri: MLflow tracking URI (e.g. ``sqlite:///mlflow.db``).
+        storage_path: Ray Tune storage folder; the experiment lives in ``storage_path / name``.
+        address: join this Ray cluster (``ray.init(address=...)``); None starts a local runtime.
+        num_cpus: CPUs for a local runtime (None = all); ignored when joining a cluster.
+        resume: continue the interrupted sweep ``name`` (``Tuner.restore``, errored trials rerun).
+
+    Raises:
+        FileNotFoundError: ``resume`` asked for but no restorable sweep at ``storage_path / name``.
+    """
+    storage_path = storage_path.resolve()
+    experiment_dir = storage_path / name
+    if resume and not tune.Tuner.can_restore(str(experiment_dir)):
+        raise FileNotFoundError(f"no sweep to resume at {experiment_dir}")
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+
+    client = MlflowClient(tracking_uri)
+    parent_run_id = start_parent_run(client, space, space_path, name, resume)
+    base = space.base.model_dump(mode="json")
+    threads = max(1, int(space.resources.cpu))
+    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads),
+                                    {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+    param_space = {path: tune_domain(spec) for path, spec in space.parameters.items()}
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, param_space=param_space,
+                                   resume_errored=True)
+    else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        search = ConcurrencyLimiter(
+            OptunaSearch(sampler=optuna.samplers.TPESampler(seed=space.seed)),
+            max_concurrent=space.max_concurrent)
+        scheduler = ASHAScheduler(time_attr="epoch", grace_period=space.scheduler.grace_period,
+                                  reduction_factor=space.scheduler.reduction_factor,
+                                  max_t=space.scheduler.max_t or space.base.finetune.epochs)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=space.metric.name, mode="max",
+                                        search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
+                                      callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base)]),
+        )
+    results = tuner.fit()
+    rows = _rows(results, space.base)
+    outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path)
+    best = outcome.best()
+    counts = {s: sum(r.status == s for r in rows) for s in ("completed", "pruned", "failed")}
+    best_metrics = None
+    if best is not None:
+        best_metrics = {"val_clean_acc": best.val_clean_acc, "val_robust_acc": best.val_robust_acc,
+                        "test_clean_acc": best.test_clean_acc, "test_robust_acc": best.test_robust_acc}
+    finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None)
+    return outcome

@@ -1,0 +1,53 @@
+"""PGD: inside the eps ball and [0, 1], stronger than clean, input gradients only, eval mode."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roli_sweep.attacks import pgd
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_pgd_stays_in_ball_and_box_and_raises_the_loss():
+    model = _model().eval()
+    x = torch.rand(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    eps = 8 / 255
+    x_adv = pgd(model, x, y, eps=eps, step_size=2 / 255, steps=10, generator=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.01
+
+
+def test_pgd_keeps_the_worst_iterate_per_example():
+    model = _model().eval()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    x_adv = pgd(model, x, y, eps=0.1, step_size=0.05, steps=5, random_init=False)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y, reduction="none")
+        adv = F.cross_entropy(model(x_adv), y, reduction="none")
+    # without random start the clean input is the first iterate, so no example can end below it
+    assert (adv >= clean - 1e-6).all()
+
+
+def test_pgd_touches_no_parameter_grad_and_restores_train_mode():
+    model = _model().train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+def test_pgd_is_deterministic_in_eval_mode_despite_dropout():
+    model = _model().train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    a = pgd(model, x, y, 8 / 255, 2 / 255, 3, generator=torch.Generator().manual_seed(1))
+    b = pgd(model, x, y, 8 / 255, 2 / 255, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)

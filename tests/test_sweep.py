@@ -1,0 +1,79 @@
+"""End to end on a real Ray runtime (num_cpus=2) and a real sqlite MLflow store: sweep, export, train."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from roli_sweep.cli import main
+from tests.conftest import write_yaml
+
+
+def _children(client: MlflowClient, sweep: str):
+    parent = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string=f"tags.sweep = '{sweep}' and tags.sweep_role = 'parent'")
+    assert len(parent) == 1
+    children = client.search_runs([parent[0].info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
+    return parent[0], children
+
+
+def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space_dict):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = write_yaml(tmp_path / "tiny.yaml", space_dict)
+    assert main(["--space", str(space), "--name", "s1", "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    parent, children = _children(client, "s1")
+    assert len(children) == 4
+    assert parent.info.status == "FINISHED"
+    assert "tiny.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    statuses = [c.data.tags["status"] for c in children]
+    assert set(statuses) <= {"completed", "pruned"} and "completed" in statuses
+    for child in children:
+        assert child.data.params["finetune.method"] == "lora"
+        assert child.data.params["seed"] == "0"
+        assert child.data.tags["git_commit"] and child.data.tags["version.torch"]
+        history = client.get_metric_history(child.info.run_id, "val_robust_acc")
+        epochs = sorted(m.step for m in history)
+        assert epochs == list(range(1, len(epochs) + 1)) and epochs
+        if child.data.tags["status"] == "completed":
+            assert epochs == [1, 2]
+            assert 0.0 <= child.data.metrics["test_robust_acc"] <= 1.0
+        else:
+            assert "test_robust_acc" not in child.data.metrics
+    assert parent.data.metrics["trials_completed"] == statuses.count("completed")
+    best = max((c for c in children if c.data.tags["status"] == "completed"),
+               key=lambda c: c.data.metrics["best_val_robust_acc"])
+    assert parent.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"])
+
+    out = tmp_path / "exported"
+    assert main(["export", "--name", "s1", "--top-k", "2", "--out", str(out), "--tracking-uri", uri]) == 0
+    files = sorted(out.glob("*.yaml"))
+    assert 1 <= len(files) <= 2
+    top = yaml.safe_load(files[0].read_text())
+    sampled_lr = float(best.data.tags["sampled.finetune.lr"])
+    assert top["finetune"]["lr"] == pytest.approx(sampled_lr) and top["seed"] == 0
+
+    assert main(["train", "--config", str(files[0]), "--tracking-uri", uri, "--experiment", "rerun"]) == 0
+    rerun = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])[0]
+    assert rerun.data.tags["status"] == "completed"
+    assert rerun.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"], abs=0.02)
+
+
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, ray_runtime, space_dict):
+    monkeypatch.chdir(tmp_path)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_text("not a checkpoint")
+    tree = copy.deepcopy(space_dict)
+    tree["num_samples"] = 3
+    tree["parameters"] = {"backbone.weights": {"values": [str(corrupt)]}, "finetune.lr": {"values": [0.001, 0.01]}}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--space", str(write_yaml(tmp_path / "bad.yaml", tree)), "--name", "s2", "--tracking-uri", uri]) == 0
+    parent, children = _children(MlflowClient(uri), "s2")
+    assert len(children) == 3
+    assert all(c.data.tags["status"] == "failed" and c.info.status == "FAILED" for c in children)
+    assert parent.data.metrics["trials_failed"] == 3 and parent.info.status == "FINISHED"

@@ -1,0 +1,52 @@
+"""The two-stage trial: RoLI starts stage 2 from the probe's head, RanLI from the random one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from roli_sweep.config import TrialConfig
+from roli_sweep.trial import init_finetune_head, prepare, run_probe, run_trial
+
+
+@pytest.mark.parametrize("head_init", ["roli", "random"])
+def test_stage_two_head_starts_where_it_should(trial_dict, head_init):
+    trial_dict["finetune"]["head_init"] = head_init
+    cfg = TrialConfig.model_validate(trial_dict)
+    prep = prepare(cfg)
+    probe = run_probe(cfg, prep, lambda stage, m: None)
+    assert not torch.equal(probe.head["weight"], prep.initial_head["weight"]), "the probe trained the head"
+    init_finetune_head(cfg, prep, probe)
+    expected = probe.head if head_init == "roli" else prep.initial_head
+    for key, value in prep.model.head.state_dict().items():
+        assert torch.equal(value, expected[key])
+
+
+def test_probe_trains_only_the_head(trial_dict):
+    cfg = TrialConfig.model_validate(trial_dict)
+    prep = prepare(cfg)
+    backbone_before = {n: p.detach().clone() for n, p in prep.model.named_parameters() if "head" not in n}
+    run_probe(cfg, prep, lambda stage, m: None)
+    for n, p in prep.model.named_parameters():
+        if "head" not in n:
+            assert torch.equal(p, backbone_before[n]), n
+
+
+def test_trial_reports_every_finetune_epoch_and_tests_once(trial_dict):
+    seen = []
+    result = run_trial(TrialConfig.model_validate(trial_dict), lambda stage, m: seen.append((stage, dict(m))))
+    stages = [s for s, _ in seen]
+    assert stages == ["probe", "finetune", "finetune"]
+    last = seen[-1][1]
+    assert [m["epoch"] for s, m in seen if s == "finetune"] == [1, 2]
+    assert "test_robust_acc" in last and "test_robust_acc" not in seen[1][1]
+    for key in ("val_clean_acc", "val_robust_acc", "probe_val_robust_acc", "test_clean_acc"):
+        assert 0.0 <= result.metrics[key] <= 1.0
+    assert result.metrics["test_robust_acc"] <= result.metrics["test_clean_acc"] + 0.1
+    assert result.metrics["val_robust_acc"] == max(m["val_robust_acc"] for s, m in seen if s == "finetune")
+
+
+def test_same_seed_same_result(trial_dict):
+    cfg = TrialConfig.model_validate(trial_dict)
+    a, b = run_trial(cfg), run_trial(cfg)
+    assert a.metrics["val_robust_acc"] == b.metrics["val_robust_acc"]
+    assert a.metrics["test_clean_acc"] == b.metrics["test_clean_acc"]
