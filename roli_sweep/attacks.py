@@ -52,6 +52,7 @@ def pgd(
     steps: int,
     random_init: bool = True,
     generator: torch.Generator | None = None,
+    prefer_misclassified: bool = False,
 ) -> torch.Tensor:
     """L-inf PGD-``steps`` adversarial examples, worst iterate per example.
 
@@ -64,10 +65,13 @@ def pgd(
         steps: number of ascent steps; 0 returns ``x`` unchanged (clean training / evaluation).
         random_init: start from a uniform point in the eps ball.
         generator: torch RNG for the random start (reproducible attacks).
+        prefer_misclassified: for evaluation: an iterate that is misclassified beats any that is
+            not, so robust accuracy counts an example as broken if any iterate broke it.
 
     Returns:
         Adversarial images (B, C, H, W), detached, with ``|x_adv - x|_inf <= eps`` and range [0, 1]:
-        for each example the iterate with the highest cross-entropy among all visited.
+        for each example the iterate with the highest cross-entropy among all visited (among the
+        misclassified ones first, with ``prefer_misclassified``).
     """
     x = x.detach()
     if steps == 0 or eps == 0:
@@ -75,11 +79,17 @@ def pgd(
     x_adv = random_start(x, eps, generator) if random_init else x.clone()
     best = x_adv.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+    best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with eval_mode(model), torch.enable_grad():
         for step in range(steps + 1):  # steps + 1 evaluations: the last one scores the final iterate
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y, reduction="none")  # (B,)
+            logits = model(x_adv)  # (B, K)
+            loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
             improved = loss.detach() > best_loss
+            if prefer_misclassified:
+                wrong = logits.detach().argmax(1) != y
+                improved = (wrong & ~best_wrong) | ((wrong == best_wrong) & improved)
+                best_wrong |= wrong
             best[improved] = x_adv.detach()[improved]
             best_loss = torch.where(improved, loss.detach(), best_loss)
             if step == steps:

@@ -7,6 +7,7 @@ before Ray or MLflow are imported.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _fmt(value: float | None) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     _positive(args.num_samples, "--num-samples")
     _positive(args.max_concurrent, "--max-concurrent")
+    if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        raise ConfigError(f"--name: value {args.name!r} not allowed: letters, digits, '_', '.', '-' only")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name: the sweep to continue")
     space = load_search_space(args.space)
@@ -125,7 +128,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from roli_sweep.pretrain import pretrain
 
     card = pretrain(cfg, on_epoch=lambda m: console.print({k: round(v, 4) for k, v in m.items()}))
-    console.print(f"wrote {cfg.out}.safetensors / .json / .yaml: test clean {card['evaluation']['clean_acc']:.4f}, "
+    console.print(f"wrote {cfg.out}.safetensors and .json: test clean {card['evaluation']['clean_acc']:.4f}, "
                   f"PGD-{cfg.eval.val_steps} {card['evaluation']['pgd_acc']:.4f}")
     return 0
 

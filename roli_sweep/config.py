@@ -36,6 +36,8 @@ class ConfigError(ValueError):
 
 def _parse_fraction(value: Any) -> Any:
     """Turn ``"8/255"`` into ``8 / 255``; pass anything else through for pydantic to check."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number in [0, 1] or a fraction like 8/255, got a boolean")
     if isinstance(value, str) and "/" in value:
         num, _, den = value.partition("/")
         try:
@@ -50,7 +52,8 @@ PixelFraction = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0,
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+    # strict: YAML's yes/no/true never pass as numbers, "5" never passes as an int
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, strict=True)
 
 
 class DataConfig(_Strict):
@@ -218,7 +221,7 @@ class PretrainConfig(_Strict):
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    out: str = Field(description="output path without suffix: writes <out>.safetensors, <out>.json (model card), <out>.yaml")
+    out: str = Field(description="output path without suffix: writes <out>.safetensors and <out>.json (the model card)")
     adversarial: bool = Field(description="true: PGD adversarial training (robust backbone); false: standard training")
     data: DataConfig
     backbone: BackboneConfig
@@ -268,18 +271,23 @@ class ParameterSpec(_Strict):
         return self
 
     def candidates(self) -> list[Any]:
-        """Values that must all give a valid trial config: every categorical value, or both bounds."""
+        """Values that must all give a valid trial config: every categorical value, or the bounds and an inner point."""
         if self.values is not None:
             return list(self.values)
         if self.distribution == "int_uniform":
             return [int(self.min), int(self.max)]
-        return [self.min, self.max]
+        # an interior, non-integer point too: a continuous distribution on an int setting fails here
+        if self.distribution == "log_uniform_values":
+            inner = self.min * (self.max / self.min) ** 0.37
+        else:
+            inner = self.min + 0.37 * (self.max - self.min)
+        return [self.min, inner, self.max]
 
 
 class MetricSpec(_Strict):
     """The metric the sweep optimises and ASHA prunes on."""
 
-    name: Literal["val_robust_acc", "val_clean_acc"] = "val_robust_acc"
+    name: Literal["val_robust_acc"] = Field("val_robust_acc", description="ASHA and Optuna use its best value so far")
     goal: Literal["maximize"] = "maximize"
 
 
@@ -295,7 +303,7 @@ class SchedulerConfig(_Strict):
 
     grace_period: PositiveInt = Field(2, description="finetune epochs before a trial can be stopped; keep it after warm-up")
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: PositiveInt | None = Field(None, description="last rung in epochs; None = finetune.epochs")
+    max_t: PositiveInt | None = Field(None, description="last epoch ASHA counts; must equal finetune.epochs (None = that)")
 
 
 class SearchSpace(_Strict):
@@ -315,8 +323,10 @@ class SearchSpace(_Strict):
     def _consistent(self) -> SearchSpace:
         epochs = self.base.finetune.epochs
         max_t = self.scheduler.max_t or epochs
-        if max_t > epochs:
-            raise ValueError(f"scheduler.max_t ({max_t}) exceeds base.finetune.epochs ({epochs})")
+        if max_t != epochs:
+            raise ValueError(
+                f"scheduler.max_t ({max_t}) must equal base.finetune.epochs ({epochs}): ASHA stops every trial "
+                "at max_t, so a smaller one would end all trials before their test evaluation")
         if self.scheduler.grace_period > max_t:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds max_t ({max_t})")
         if "finetune.epochs" in self.parameters:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from roli_sweep.config import AttackConfig, PretrainConfig, dump_yaml
+from roli_sweep.config import AttackConfig, PretrainConfig
 from roli_sweep.data import load_splits
 from roli_sweep.models.backbone import build_backbone
 from roli_sweep.provenance import git_commit, package_versions
@@ -43,12 +43,14 @@ def threat_model(attack: AttackConfig, steps: int) -> dict[str, Any]:
 
 
 def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train a backbone from scratch on the source task and write weights, model card and config.
+    """Train a backbone from scratch on the source task; write ``<out>.safetensors`` and ``<out>.json``.
+
+    The model card holds the resolved config; the config file itself is not rewritten.
 
     Returns:
         The model card (also written to ``<cfg.out>.json``).
     """
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()  # the code that runs is the code at the start
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -73,7 +75,6 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = out.with_suffix(".safetensors")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}, str(weights))
-    out.with_suffix(".yaml").write_text(dump_yaml(cfg))
     card = {
         "name": out.name,
         "architecture": cfg.backbone.name,
@@ -95,7 +96,7 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
         "wall_seconds": round(time.perf_counter() - started, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "config": cfg.model_dump(mode="json"),
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

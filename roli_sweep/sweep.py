@@ -88,13 +88,12 @@ def default_sweep_name(space: SearchSpace) -> str:
     return f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _rows(results: tune.ResultGrid, base: TrialConfig) -> list[TrialRow]:
+def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
-        cfg = apply_overrides(base, config)
-        status = trial_status(cfg, metrics.get("epoch"), result.error is not None)
+        status = trial_status(finetune_epochs, metrics.get("epoch"), result.error is not None)
         rows.append(TrialRow(
             trial_id=metrics.get("trial_id") or Path(result.path).name, sampled=config, status=status,
             epochs=int(metrics.get("epoch", 0)), val_clean_acc=metrics.get("best_val_clean_acc"),
@@ -158,14 +157,18 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric=space.metric.name, mode="max",
+            tune_config=tune.TuneConfig(metric=f"best_{space.metric.name}", mode="max",
                                         search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
                                       callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base)]),
         )
-    results = tuner.fit()
-    rows = _rows(results, space.base)
+    try:
+        results = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+    rows = _rows(results, space.base.finetune.epochs)
     outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path)
     best = outcome.best()
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "pruned", "failed")}

@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from roli_sweep.config import SearchSpace, TrialConfig, apply_overrides, dump_yaml, flatten
+from roli_sweep.config import ConfigError, SearchSpace, TrialConfig, apply_overrides, dump_yaml, flatten
 from roli_sweep.provenance import git_commit, package_versions
 
 TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
@@ -61,11 +61,11 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]
     client.log_batch(run_id, metrics=batch)
 
 
-def trial_status(cfg: TrialConfig, last_epoch: int | None, errored: bool) -> str:
+def trial_status(finetune_epochs: int, last_epoch: int | None, errored: bool) -> str:
     """``failed`` on error, ``completed`` when every finetune epoch ran, else ``pruned`` (stopped by ASHA)."""
     if errored:
         return "failed"
-    return "completed" if last_epoch == cfg.finetune.epochs else "pruned"
+    return "completed" if last_epoch == finetune_epochs else "pruned"
 
 
 def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path, sweep: str, resume: bool) -> str:
@@ -134,8 +134,15 @@ class MlflowTrialCallback(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def _config(self, trial) -> TrialConfig:
-        return apply_overrides(TrialConfig.model_validate(self.base), trial.config)
+    def _describe(self, run_id: str, trial) -> None:
+        """Log the trial's resolved config; a sampled combination the config rejects is logged as such
+        (the trial itself then fails on the same error and is recorded as failed)."""
+        try:
+            cfg = apply_overrides(TrialConfig.model_validate(self.base), trial.config)
+        except ConfigError as err:
+            self.client.log_text(run_id, str(err), "config_error.txt")
+            return
+        describe_trial_run(self.client, run_id, cfg)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         exp = experiment_id(self.client, self.experiment)
@@ -150,7 +157,7 @@ class MlflowTrialCallback(Callback):
                 "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
                 ROLE_TAG: "trial", "status": "running"})
             run_id = run.info.run_id
-            describe_trial_run(self.client, run_id, self._config(trial))
+            self._describe(run_id, trial)
             self.client.log_batch(run_id, tags=[RunTag(f"sampled.{k}", str(v)) for k, v in trial.config.items()])
         self._runs[trial.trial_id] = run_id
 
@@ -163,7 +170,7 @@ class MlflowTrialCallback(Callback):
         if run_id is None:
             return
         last = trial.last_result or {}
-        status = trial_status(self._config(trial), last.get("epoch"), errored)
+        status = trial_status(self.base["finetune"]["epochs"], last.get("epoch"), errored)
         self.client.set_tag(run_id, "status", status)
         if errored and trial.error_file and Path(trial.error_file).is_file():
             self.client.log_text(run_id, Path(trial.error_file).read_text(), "error.txt")

@@ -85,6 +85,7 @@ def adversarial_epoch(
     attack: AttackConfig,
     device: torch.device,
     generator: torch.Generator | None = None,
+    train_part: nn.Module | None = None,
 ) -> EpochStats:
     """Train one epoch on PGD adversarial examples of every batch (attack computed in eval mode).
 
@@ -92,8 +93,14 @@ def adversarial_epoch(
         loader: batches of images (B, C, H, W) in [0, 1] and labels (B,).
         attack: the training threat model (eps, steps, step size, random start).
         generator: RNG for the attacks' random starts (on ``device``).
+        train_part: only this submodule runs in train mode, the rest in eval mode (linear probing:
+            the frozen backbone's dropout / drop-path stay off). None = the whole model.
     """
-    model.train()
+    if train_part is None:
+        model.train()
+    else:
+        model.eval()
+        train_part.train()
     step = step_size(attack, attack.steps)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -138,7 +145,7 @@ def evaluate(
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         clean += _correct(model, x, y).sum().item()
-        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, generator)
+        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, generator, prefer_misclassified=True)
         robust += _correct(model, x_adv, y).sum().item()
         seen += len(y)
     model.train(was_training)

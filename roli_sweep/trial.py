@@ -57,8 +57,9 @@ class _Stage:
     """Runs the epochs of one stage and remembers the trainable state of the best robust epoch."""
 
     def __init__(self, model: nn.Module, stage: StageConfig, cfg: TrialConfig, splits: DataSplits,
-                 device: torch.device, generator: torch.Generator, seed: int) -> None:
+                 device: torch.device, generator: torch.Generator, seed: int, train_part: nn.Module | None = None) -> None:
         self.model, self.stage, self.cfg, self.device, self.generator = model, stage, cfg, device, generator
+        self.train_part = train_part
         self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed)
         self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed)
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -71,7 +72,7 @@ class _Stage:
     def epochs(self) -> Iterator[dict[str, float]]:
         for epoch in range(1, self.stage.epochs + 1):
             stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
-                                      self.cfg.attack, self.device, self.generator)
+                                      self.cfg.attack, self.device, self.generator, self.train_part)
             clean, robust = evaluate(self.model, self.val_loader, self.cfg.attack, self.cfg.eval.val_steps,
                                      self.device, self.generator)
             metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
@@ -85,7 +86,9 @@ class _Stage:
             yield metrics
 
     def restore_best(self) -> None:
-        self.model.load_state_dict(self.best_state, strict=False)
+        result = self.model.load_state_dict(self.best_state, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"best-epoch state does not fit the model: {result.unexpected_keys[:5]}")
 
 
 @dataclass
@@ -120,7 +123,8 @@ def prepare(cfg: TrialConfig) -> Prepared:
 def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutcome:
     """Stage 1: adversarial linear probing of the frozen backbone; leaves the best head in the model."""
     freeze_all_but_head(prep.model)
-    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.device, prep.generator, cfg.seed)
+    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.device, prep.generator, cfg.seed,
+                   train_part=prep.model.head)
     for metrics in probe.epochs():
         on_epoch("probe", metrics)
     probe.restore_best()

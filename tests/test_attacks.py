@@ -51,3 +51,23 @@ def test_pgd_is_deterministic_in_eval_mode_despite_dropout():
     a = pgd(model, x, y, 8 / 255, 2 / 255, 3, generator=torch.Generator().manual_seed(1))
     b = pgd(model, x, y, 8 / 255, 2 / 255, 3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_zero_steps_is_clean_even_with_random_start():
+    model = _model().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    assert torch.equal(pgd(model, x, y, eps=0.1, step_size=0.01, steps=0, random_init=True), x)
+
+
+def test_evaluation_prefers_a_misclassified_iterate():
+    model = _model().eval()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    g = torch.Generator().manual_seed(3)
+    by_loss = pgd(model, x, y, 0.1, 0.02, 5, generator=g)
+    g = torch.Generator().manual_seed(3)
+    by_error = pgd(model, x, y, 0.1, 0.02, 5, generator=g, prefer_misclassified=True)
+    with torch.no_grad():
+        wrong_loss = (model(by_loss).argmax(1) != y)
+        wrong_error = (model(by_error).argmax(1) != y)
+    assert (wrong_error | ~wrong_loss).all(), "every example broken by the loss criterion stays broken"
+    assert wrong_error.sum() >= wrong_loss.sum()

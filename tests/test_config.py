@@ -52,11 +52,14 @@ MALFORMED = [
     ("max_concurrent", "two", "max_concurrent"),
     ("resources/cpu", -1, "resources.cpu"),
     ("scheduler/max_t", 50, "max_t"),
+    ("scheduler/max_t", 1, "max_t"),
     ("scheduler/grace_period", 0, "grace_period"),
     ("metric/name", "test_robust_acc", "metric.name"),
     ("base/data/name", "imagenet21k", "base.data.name"),
     ("base/attack/eps", 2.0, "base.attack.eps"),
     ("base/attack/steps", -3, "base.attack.steps"),
+    ("base/attack/eps", True, "base.attack.eps"),
+    ("base/probe/epochs", "3", "base.probe.epochs"),
     ("base/finetune/method", "prefix_tuning", "base.finetune"),
     ("base/finetune/head_init", "zeros", "base.finetune.head_init"),
     ("base/finetune/method_params", {"rank": 4}, "method_params.rank"),
@@ -73,6 +76,8 @@ MALFORMED = [
     ("parameters/attack.eps", {"values": ["8/255", 1.5]}, "parameters.attack.eps"),
     ("parameters/finetune.method_params.r", {"values": [0, 4]}, "parameters.finetune.method_params.r"),
     ("parameters/finetune.epochs", {"values": [1, 2]}, "finetune.epochs"),
+    ("parameters/finetune.method_params.r", {"distribution": "uniform", "min": 2, "max": 8},
+     "parameters.finetune.method_params.r"),
 ]
 
 
@@ -88,6 +93,12 @@ def test_malformed_search_space_exits_2_naming_the_key(tmp_path, monkeypatch, ca
     assert expected in out.replace("\n", " "), out
     assert not (tmp_path / "mlflow.db").exists(), "nothing may start on bad input"
     assert not (tmp_path / "ray_results").exists()
+
+
+def test_bad_sweep_name_exits_2(tmp_path, capsys, space_dict):
+    space = write_yaml(tmp_path / "ok.yaml", space_dict)
+    assert main(["--space", str(space), "--name", "x' or '1'='1"]) == 2
+    assert "--name" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "base: {seed: [unclosed", ""])

@@ -50,3 +50,14 @@ def test_same_seed_same_result(trial_dict):
     a, b = run_trial(cfg), run_trial(cfg)
     assert a.metrics["val_robust_acc"] == b.metrics["val_robust_acc"]
     assert a.metrics["test_clean_acc"] == b.metrics["test_clean_acc"]
+
+
+def test_probe_keeps_the_frozen_backbone_in_eval_mode(trial_dict):
+    trial_dict["backbone"]["kwargs"]["drop_rate"] = 0.5  # dropout in the frozen backbone must stay off
+    cfg = TrialConfig.model_validate(trial_dict)
+    prep = prepare(cfg)
+    modes = []
+    hook = prep.model.net.blocks.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    run_probe(cfg, prep, lambda stage, m: None)
+    hook.remove()
+    assert modes and not any(modes)
