@@ -14,11 +14,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from roli_sweep.config import ConfigError, load_pretrain_config, load_search_space, load_trial_config
+from roli_sweep.config import (
+    ConfigError,
+    evaluation_attack,
+    load_pretrain_config,
+    load_search_space,
+    load_trial_config,
+)
 
 COMMANDS = ("sweep", "train", "export", "pretrain")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep the table readable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,8 +85,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                   f"sampling {', '.join(space.parameters) or 'nothing'}")
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
                         num_cpus=args.num_cpus, resume=args.resume)
-    table = Table(title=f"sweep {name}: accuracies at the best val robust epoch (val PGD-{space.base.eval.val_steps}, "
-                        f"test PGD-{space.base.eval.test_steps}, eps {space.base.attack.eps * 255:.3g}/255)")
+    threat = evaluation_attack(space.base.attack, space.base.eval)
+    eps = ("each trial's training eps" if space.base.eval.eps is None and "attack.eps" in space.parameters
+           else f"eps {threat.eps * 255:.3g}/255")
+    table = Table(title=f"sweep {name}: accuracies at the best val robust epoch (L-inf, {eps}, "
+                        f"val PGD-{space.base.eval.val_steps}, test PGD-{space.base.eval.test_steps})")
     table.add_column("trial")
     for key in space.parameters:
         table.add_column(key.split(".")[-1], justify="right")

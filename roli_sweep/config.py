@@ -131,11 +131,24 @@ class AttackConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Evaluation attacks, at the training eps: PGD-10 on validation (paper, Sec. 5.1), PGD-20 on test."""
+    """Evaluation attacks: PGD-10 on validation (paper, Sec. 5.1), PGD-20 on test, by default at the training eps."""
+
+    eps: PixelFraction | None = Field(None, description="evaluation L-inf radius; None = the training attack's. "
+                                      "Fix it when attack.eps is sampled, so all trials face one threat model")
+    step_size: PixelFraction | None = Field(None, description="evaluation PGD step; None = the training attack's "
+                                            "step when eps is None, else 2.5 * eps / steps")
 
     val_steps: PositiveInt = Field(10, description="PGD steps for validation robust accuracy (model selection, ASHA)")
     test_steps: PositiveInt = Field(20, description="PGD steps for test robust accuracy")
     batch_size: PositiveInt = Field(256, description="evaluation batch size")
+
+
+def evaluation_attack(attack: AttackConfig, evaluation: EvalConfig) -> AttackConfig:
+    """The threat model of validation and test: ``evaluation.eps`` / ``step_size`` where set, else the training attack's."""
+    if evaluation.eps is None and evaluation.step_size is None:
+        return attack
+    return AttackConfig(eps=attack.eps if evaluation.eps is None else evaluation.eps, steps=attack.steps,
+                        step_size=evaluation.step_size, random_start=True)
 
 
 class StageConfig(_Strict):

@@ -6,6 +6,7 @@ reruns it.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from roli_sweep.config import TrialConfig, dump_yaml
 from roli_sweep.tracking import ROLE_TAG, TRIAL_CONFIG_ARTIFACT
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class ExportError(LookupError):

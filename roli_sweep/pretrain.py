@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from roli_sweep.config import AttackConfig, PretrainConfig
+from roli_sweep.config import AttackConfig, PretrainConfig, evaluation_attack
 from roli_sweep.data import load_splits
 from roli_sweep.models.backbone import build_backbone
 from roli_sweep.provenance import git_commit, package_versions
@@ -61,14 +61,15 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
     optimizer = make_optimizer(list(model.parameters()), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train, len(loader)))
     val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+    eval_attack = evaluation_attack(cfg.attack, cfg.eval)
     for epoch in range(1, cfg.train.epochs + 1):
         stats = adversarial_epoch(model, loader, optimizer, scheduler, training_attack, device, generator)
-        val_clean, val_robust = evaluate(model, val_loader, cfg.attack, cfg.eval.val_steps, device, generator)
+        val_clean, val_robust = evaluate(model, val_loader, eval_attack, cfg.eval.val_steps, device, generator)
         if on_epoch:
             on_epoch({"epoch": epoch, "train_loss": stats.train_loss, "images_per_s": stats.images_per_s,
                       "val_clean_acc": val_clean, "val_robust_acc": val_robust})
     test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-    test_clean, test_robust = evaluate(model, test_loader, cfg.attack, cfg.eval.val_steps, device,
+    test_clean, test_robust = evaluate(model, test_loader, eval_attack, cfg.eval.val_steps, device,
                                        torch.Generator(device).manual_seed(cfg.seed + 2))
 
     out = Path(cfg.out)
@@ -91,7 +92,7 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
                      "threat_model": threat_model(cfg.attack, cfg.attack.steps) if cfg.adversarial else None,
                      **cfg.train.model_dump(), "seed": cfg.seed},
         "evaluation": {"split": "test", "images": len(splits.test), "clean_acc": test_clean,
-                       "pgd_acc": test_robust, "threat_model": threat_model(cfg.attack, cfg.eval.val_steps),
+                       "pgd_acc": test_robust, "threat_model": threat_model(eval_attack, cfg.eval.val_steps),
                        "model_mode": "eval"},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -29,6 +29,26 @@ from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_ove
 from roli_sweep.tracking import MlflowTrialCallback, finish_parent_run, start_parent_run, trial_status  # noqa: E402
 
 
+class ConsoleProgress(tune.Callback):
+    """Ray Tune callback: one line per finished trial (Ray's own output is turned off)."""
+
+    def __init__(self, finetune_epochs: int) -> None:
+        self.finetune_epochs = finetune_epochs
+
+    def _line(self, trial, errored: bool) -> None:
+        last = trial.last_result or {}
+        status = trial_status(self.finetune_epochs, last.get("epoch"), errored)
+        scores = (f": best val clean {last['best_val_clean_acc']:.3f}, robust {last['best_val_robust_acc']:.3f}"
+                  if "best_val_robust_acc" in last else "")
+        print(f"trial {trial.trial_id} {status} after {last.get('epoch', 0)} epoch(s){scores}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, errored=True)
+
+
 def tune_domain(spec: ParameterSpec) -> Any:
     """The Ray Tune sampling domain of one parameter (int_uniform includes ``max``)."""
     if spec.values is not None:
@@ -161,7 +181,8 @@ def run_sweep(
                                         search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
-                                      callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base)]),
+                                      callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base),
+                                                 ConsoleProgress(space.base.finetune.epochs)]),
         )
     try:
         results = tuner.fit()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from roli_sweep.config import StageConfig, TrialConfig
+from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
 from roli_sweep.models.methods import apply_method, freeze_all_but_head, trainable_parameter_count
@@ -60,6 +60,7 @@ class _Stage:
                  device: torch.device, generator: torch.Generator, seed: int, train_part: nn.Module | None = None) -> None:
         self.model, self.stage, self.cfg, self.device, self.generator = model, stage, cfg, device, generator
         self.train_part = train_part
+        self.eval_attack = evaluation_attack(cfg.attack, cfg.eval)
         self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed)
         self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed)
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -73,7 +74,7 @@ class _Stage:
         for epoch in range(1, self.stage.epochs + 1):
             stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
                                       self.cfg.attack, self.device, self.generator, self.train_part)
-            clean, robust = evaluate(self.model, self.val_loader, self.cfg.attack, self.cfg.eval.val_steps,
+            clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
                                      self.device, self.generator)
             metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
                        "lr": stats.lr, "train_images_per_s": stats.images_per_s,
@@ -172,7 +173,8 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
         if metrics["epoch"] == cfg.finetune.epochs:
             finetune.restore_best()
             test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-            test_clean, test_robust = evaluate(prep.model, test_loader, cfg.attack, cfg.eval.test_steps, prep.device,
+            test_clean, test_robust = evaluate(prep.model, test_loader, finetune.eval_attack, cfg.eval.test_steps,
+                                               prep.device,
                                                torch.Generator(prep.device).manual_seed(cfg.seed + 2))
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
                      "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}

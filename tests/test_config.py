@@ -116,3 +116,13 @@ def test_missing_file_and_bad_flags_exit_2(tmp_path, capsys, space_dict):
     assert main(["--space", str(space), "--resume"]) == 2
     out = capsys.readouterr().out
     assert "nope.yaml" in out and "--num-samples" in out and "--resume" in out
+
+
+def test_evaluation_threat_model_defaults_to_training_attack(trial_dict):
+    from roli_sweep.config import evaluation_attack
+
+    cfg = TrialConfig.model_validate(trial_dict)
+    assert evaluation_attack(cfg.attack, cfg.eval) == cfg.attack
+    cfg = apply_overrides(cfg, {"eval.eps": "4/255", "attack.eps": "12/255"})
+    fixed = evaluation_attack(cfg.attack, cfg.eval)
+    assert fixed.eps == pytest.approx(4 / 255) and fixed.step_size is None and fixed.random_start

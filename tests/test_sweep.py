@@ -50,6 +50,11 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
                key=lambda c: c.data.metrics["best_val_robust_acc"])
     assert parent.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"])
 
+    # resuming a finished sweep restores it (Tuner.restore), reruns nothing and duplicates no run
+    assert main(["--space", str(space), "--name", "s1", "--tracking-uri", uri, "--resume"]) == 0
+    parent_again, children_again = _children(client, "s1")
+    assert parent_again.info.run_id == parent.info.run_id and len(children_again) == 4
+
     out = tmp_path / "exported"
     assert main(["export", "--name", "s1", "--top-k", "2", "--out", str(out), "--tracking-uri", uri]) == 0
     files = sorted(out.glob("*.yaml"))
