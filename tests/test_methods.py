@@ -11,11 +11,19 @@ from roli_sweep.models.methods import METHODS, apply_method, trainable_parameter
 from tests.conftest import TINY_KWARGS
 
 
-def _intended(name: str, method: str) -> bool:
-    """Which parameters each method is meant to train."""
+def _intended(name: str, method: str, original: set[str]) -> bool:
+    """Which parameters each method is meant to train; ``original`` = the backbone's own parameter names."""
     if name.startswith("net.head."):
         return True
-    return {"linear": False, "full": True, "lora": "lora_" in name}[method]
+    if method == "linear":
+        return False
+    if method == "full":
+        return True
+    if method == "bias":
+        return name.endswith(".bias") and name in original
+    # lora, adapter, prompt, peft: exactly the parameters they add (peft renames wrapped layers' own
+    # weights to ``<layer>.base_layer.*``; those stay frozen)
+    return name not in original and ".base_layer." not in name
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -23,15 +31,16 @@ def test_only_intended_parameters_change(method, tiny_weights):
     torch.manual_seed(0)
     model = build_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=TINY_KWARGS,
                                           weights=str(tiny_weights)), num_classes=4)
-    params = METHODS[method].Params().model_dump()
-    apply_method(model, method, params)
+    original = {n for n, _ in model.named_parameters()}
+    apply_method(model, method, METHODS[method].Params().model_dump())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in before if _intended(n, method)}
+    assert trainable == {n for n in before if _intended(n, method, original)}
+    assert method == "linear" or trainable - {"net.head.weight", "net.head.bias"}
     assert trainable_parameter_count(model) == sum(before[n].numel() for n in trainable)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
-    for _ in range(2):  # two steps: LoRA's A only gets a gradient once B has left zero
+    for _ in range(2):  # two steps: LoRA's A (adapter's down) only gets a gradient once B (up) has left zero
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -53,3 +62,53 @@ def test_lora_starts_as_identity_with_random_a_and_zero_b(tiny_weights):
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(plain(x), adapted(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [("adapter", {"reduction_factor": 4}), ("prompt", {"length": 3, "deep": True}),
+                                           ("prompt", {"length": 3, "deep": False, "dropout": 0.0})])
+def test_adapter_and_prompt_keep_output_shape_and_adapter_starts_as_identity(tiny_weights, method, params):
+    cfg = BackboneConfig(name="vit_tiny_patch16_224", kwargs=TINY_KWARGS, weights=str(tiny_weights))
+    plain = build_backbone(cfg, num_classes=4).eval()
+    adapted = build_backbone(cfg, num_classes=4).eval()
+    adapted.load_state_dict(plain.state_dict())
+    apply_method(adapted, method, params)
+    adapted.eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        out = adapted(x)
+        assert out.shape == (3, 4)
+        if method == "adapter":
+            assert torch.allclose(out, plain(x), atol=1e-6)
+        else:
+            assert not torch.allclose(out, plain(x)), "prompts change the features"
+            assert torch.equal(adapted(x), out), "no prompt dropout in eval mode"
+
+
+def test_prompt_refuses_backbones_without_tokens():
+    model = build_backbone(BackboneConfig(name="resnet18", kwargs={"in_chans": 1}), num_classes=3)
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        apply_method(model, "prompt", {})
+
+
+@pytest.mark.parametrize("tuner,config", [
+    ("LORA", {"target_modules": ["qkv"], "r": 4, "use_dora": True}),
+    ("LOHA", {"target_modules": ["qkv"], "r": 4}),
+    ("LOKR", {"target_modules": ["qkv"], "r": 4}),
+    ("IA3", {"target_modules": ["qkv", "fc2"], "feedforward_modules": ["fc2"]}),
+])
+def test_peft_tuners_by_name_train_their_own_parameters(tiny_weights, tuner, config):
+    model = build_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=TINY_KWARGS,
+                                          weights=str(tiny_weights)), num_classes=4)
+    original = {n for n, _ in model.named_parameters()}
+    apply_method(model, "peft", {"tuner": tuner, "config": config})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    added = trainable - original
+    assert added and trainable - added == {"net.head.weight", "net.head.bias"}
+
+
+def test_unknown_peft_tuner_is_a_config_error(trial_dict):
+    from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
+
+    with pytest.raises(ConfigError, match="NOT_A_TUNER"):
+        apply_overrides(TrialConfig.model_validate(trial_dict),
+                        {"finetune.method": "peft", "finetune.method_params": {"tuner": "NOT_A_TUNER"}})

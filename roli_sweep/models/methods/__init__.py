@@ -1,5 +1,5 @@
 """Transfer methods, one file each, registered by name in :data:`METHODS`."""
-from roli_sweep.models.methods import full, linear, lora  # noqa: F401  (registers the methods)
+from roli_sweep.models.methods import adapter, bias, full, linear, lora, peft_tuner, prompt  # noqa: F401  (registers them)
 from roli_sweep.models.methods.base import (
     METHODS,
     TransferMethod,

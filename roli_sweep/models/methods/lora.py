@@ -15,7 +15,7 @@ from roli_sweep.models.methods.base import TransferMethod, register_method
 
 
 class LoraParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     r: int = Field(8, ge=1, description="rank of the update")
     alpha: float = Field(8.0, gt=0.0, description="scaling numerator: the update is scaled by alpha / r")

@@ -1,0 +1,18 @@
+"""Bias tuning (BitFit; Ben Zaken et al., ACL 2022): every bias term of the backbone trains, plus the head."""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from roli_sweep.models.backbone import NormalizedModel
+from roli_sweep.models.methods.base import TransferMethod, freeze_all_but_head, register_method
+
+
+@register_method
+class Bias(TransferMethod):
+    name = "bias"
+
+    def apply(self, model: NormalizedModel, params: BaseModel) -> None:
+        freeze_all_but_head(model)
+        for name, param in model.net.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                param.requires_grad_(True)
