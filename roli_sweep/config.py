@@ -60,14 +60,19 @@ class DataConfig(_Strict):
     """Which images a trial trains, validates and tests on. Samples are (C, H, W) floats in [0, 1]."""
 
     name: str = Field("digits", description="registered dataset name (roli_sweep.data.DATASETS)")
-    root: str | None = Field(None, description="local folder with the dataset files; None = the dataset's default places")
+    root: str | None = Field(None, description="local folder with the dataset files; None = the dataset's default places. "
+                             "Image-list datasets: the folder their split files' image paths are relative to (required)")
+    split_dir: str | None = Field(None, description="image-list datasets (imagefolder, caltech256, cub200, stanford_dogs): "
+                                  "folder with train.json, test.json and optionally val.json ({image path: label}); "
+                                  "val.json, if there, is the val split; None = root")
     download: bool = Field(False, description="allow a torchvision download when no local copy is found (needs network)")
     classes: list[int] | None = Field(None, description="class subset, relabelled 0..k-1 in the order given")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of the train split held out for validation (stratified, by seed)")
     train_size: PositiveInt | None = Field(None, description="cap on training images (stratified subsample)")
     val_size: PositiveInt | None = Field(None, description="cap on validation images (stratified subsample)")
     test_size: PositiveInt | None = Field(None, description="cap on test images (stratified subsample, fixed seed 0)")
-    image_size: PositiveInt | None = Field(None, description="resize images to this square side in pixels; None keeps the native size")
+    image_size: PositiveInt | None = Field(None, description="resize images to this square side in pixels; None keeps the native size "
+                                           "(image-list datasets need it: their images differ in size)")
 
     @field_validator("name")
     @classmethod
@@ -78,10 +83,10 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
         return name
 
-    @field_validator("root")
+    @field_validator("root", "split_dir")
     @classmethod
-    def _absolute(cls, root: str | None) -> str | None:
-        return None if root is None else str(Path(root).expanduser().resolve())
+    def _absolute(cls, folder: str | None) -> str | None:
+        return None if folder is None else str(Path(folder).expanduser().resolve())
 
     @field_validator("classes")
     @classmethod
@@ -90,6 +95,19 @@ class DataConfig(_Strict):
             raise ValueError("needs at least two distinct non-negative class indices")
         return classes
 
+    @model_validator(mode="after")
+    def _image_list_settings(self) -> DataConfig:
+        from roli_sweep.data import IMAGE_LIST_DATASETS
+
+        if self.name in IMAGE_LIST_DATASETS:
+            missing = [key for key in ("root", "image_size") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"dataset {self.name!r} needs {' and '.join(missing)}: root is the folder the split "
+                                 "files' image paths are relative to, image_size the side all images are resized to")
+        elif self.split_dir is not None:
+            raise ValueError(f"split_dir is for the image-list datasets {sorted(IMAGE_LIST_DATASETS)}, not {self.name!r}")
+        return self
+
 
 class BackboneConfig(_Strict):
     """A timm architecture, its kwargs and local pretrained weights. Normalisation happens inside the model."""
@@ -97,6 +115,8 @@ class BackboneConfig(_Strict):
     name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs (img_size, patch_size, in_chans, embed_dim, depth, num_heads, ...)")
     weights: str | None = Field(None, description="path to a .safetensors / .pth file, or 'shipped:<name>' for a backbone shipped with roli_sweep; None = random init")
+    input_size: PositiveInt | None = Field(None, description="resize inputs to this square side inside the model "
+                                           "(attacks stay at the data's resolution); None = no resize")
     mean: list[float] = Field(default_factory=lambda: [0.5], description="per-channel normalisation mean, applied inside the model")
     std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.5], description="per-channel normalisation std, applied inside the model")
 
@@ -210,6 +230,7 @@ class TrialConfig(_Strict):
 
     seed: int = Field(0, description="seeds the train/val split, weight init, data order and attacks")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
     data: DataConfig = Field(default_factory=DataConfig)
     backbone: BackboneConfig
     attack: AttackConfig = Field(default_factory=AttackConfig)
@@ -234,6 +255,7 @@ class PretrainConfig(_Strict):
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     out: str = Field(description="output path without suffix: writes <out>.safetensors and <out>.json (the model card)")
     adversarial: bool = Field(description="true: PGD adversarial training (robust backbone); false: standard training")
     data: DataConfig
@@ -469,10 +491,19 @@ def load_search_space(path: str | Path) -> SearchSpace:
     """
     tree = _read_yaml(path)
     tree.setdefault("name", Path(path).stem)
+    return parse_search_space(tree, str(path))
+
+
+def parse_search_space(tree: dict[str, Any], source: str) -> SearchSpace:
+    """Validate a search space given as a YAML tree; ``source`` names it in error messages.
+
+    Raises:
+        ConfigError: naming the key, the value given and what is allowed.
+    """
     try:
         space = SearchSpace.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{path}:\n{_describe(err)}") from None
+        raise ConfigError(f"{source}:\n{_describe(err)}") from None
     problems = []
     for dotted, spec in space.parameters.items():
         for value in spec.candidates():
@@ -481,7 +512,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
             except ConfigError as err:
                 problems.append(f"parameters.{dotted}: value {value!r}: {err}".split("\n(while")[0])
     if problems:
-        raise ConfigError(f"{path}:\n" + "\n".join(problems))
+        raise ConfigError(f"{source}:\n" + "\n".join(problems))
     return space
 
 

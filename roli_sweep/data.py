@@ -12,11 +12,23 @@ Registered here:
 - ``fashion_mnist``: Fashion-MNIST (Xiao et al., 2017; 60k train / 10k test, 28x28, 10 classes),
   read with torchvision from ``root``, else from Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``), else downloaded by torchvision when ``download: true``.
+- ``cifar10``, ``cifar100``: CIFAR-10 / CIFAR-100 (Krizhevsky, 2009; 50k train / 10k test, 32x32 RGB,
+  10 / 100 classes), read with torchvision from ``root`` in its on-disk format
+  (``<root>/cifar-10-batches-py/``, ``<root>/cifar-100-python/``), downloaded by torchvision only
+  when ``download: true``.
+- ``imagefolder``: image files listed in fixed split files in the RoLI reference code's format
+  (github.com/DongXzz/RoLI, ``src/data/datasets/json_dataset.py``): one JSON object per split,
+  ``{image path relative to root: integer label}``, in ``split_dir``: ``train.json``,
+  ``test.json`` and, if the dataset has a fixed validation split, ``val.json``.
+- ``caltech256`` (257 classes), ``cub200`` (CUB-200-2011, 200 classes), ``stanford_dogs`` (120
+  classes): ``imagefolder`` presets whose split files must have exactly that many labels, e.g. the
+  reference code's ``data_splits/caltech256/`` with ``root`` at ``256_ObjectCategories``.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -36,13 +48,19 @@ from roli_sweep.config import DataConfig
 
 @dataclass
 class RawSplits:
-    """A dataset's own splits. Images (N, C, H, W) float in [0, 1]; labels (N,) int64."""
+    """A dataset's own splits. Images (N, C, H, W) float in [0, 1]; labels (N,) int64.
+
+    ``val_images`` / ``val_labels`` are a fixed validation split where the dataset has one
+    (``imagefolder`` with ``val.json``); otherwise None and :func:`load_splits` draws one from train.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     class_names: list[str]
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,6 +165,155 @@ def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
     return RawSplits(images(train), train.targets.long(), images(test), test.targets.long(), list(train.classes))
 
 
+def _load_cifar(cfg: DataConfig, dataset_cls: type) -> RawSplits:
+    """CIFAR-10 / CIFAR-100 through torchvision's ``dataset_cls`` from ``<root>/<base_folder>/``.
+
+    ``root`` defaults to ``<cache>/cifar`` (where a download without ``root`` goes). torchvision
+    checks every file against the md5 of the official release, so a truncated or altered copy is
+    refused rather than read.
+
+    Returns:
+        RawSplits with images (N, 3, 32, 32) float32 in [0, 1].
+
+    Raises:
+        FileNotFoundError: a file is missing and ``download`` is false (the message names the folder
+            and the files).
+        RuntimeError: torchvision's md5 check failed (a corrupt copy).
+    """
+    root = Path(cfg.root) if cfg.root else cache_dir() / "cifar"
+    folder = root / dataset_cls.base_folder
+    files = [name for name, _ in dataset_cls.train_list + dataset_cls.test_list] + [dataset_cls.meta["filename"]]
+    absent = [f for f in files if not (folder / f).is_file()]
+    if absent and not cfg.download:
+        raise FileNotFoundError(
+            f"{cfg.name} not found: {str(folder)!r} lacks {absent}; point data.root at the folder holding "
+            f"{dataset_cls.base_folder}/ (torchvision's layout, unpacked from {dataset_cls.filename}), "
+            "or set data.download: true"
+        )
+    train = dataset_cls(str(root), train=True, download=cfg.download)
+    test = dataset_cls(str(root), train=False, download=cfg.download)
+
+    def images(ds) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))).float() / 255.0  # NHWC -> NCHW
+
+    def labels(ds) -> torch.Tensor:
+        return torch.tensor(ds.targets, dtype=torch.long)
+
+    return RawSplits(images(train), labels(train), images(test), labels(test), list(train.classes))
+
+
+@register_dataset("cifar10")
+def load_cifar10(cfg: DataConfig) -> RawSplits:
+    """CIFAR-10 (``<root>/cifar-10-batches-py/``), see :func:`_load_cifar`."""
+    return _load_cifar(cfg, import_torchvision().datasets.CIFAR10)
+
+
+@register_dataset("cifar100")
+def load_cifar100(cfg: DataConfig) -> RawSplits:
+    """CIFAR-100 with its 100 fine labels (``<root>/cifar-100-python/``), see :func:`_load_cifar`."""
+    return _load_cifar(cfg, import_torchvision().datasets.CIFAR100)
+
+
+IMAGE_LIST_DATASETS: dict[str, int | None] = {"imagefolder": None, "caltech256": 257, "cub200": 200, "stanford_dogs": 120}
+"""Datasets read from JSON split files, with the number of labels their split files must have (None: any)."""
+
+SPLIT_FILES = ("train", "val", "test")
+"""Split file stems in ``split_dir``; ``val`` is optional."""
+
+CROP_FRACTION = 224 / 256
+"""Centre crop after resizing the shorter side, as the reference code evaluates (Resize(256), CenterCrop(224))."""
+
+
+def _read_split_file(path: Path) -> dict[str, int]:
+    """One split file: a JSON object ``{image path relative to root: integer label}``.
+
+    Raises:
+        ValueError: the file is not such a non-empty object (the message names the file).
+    """
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"split file {str(path)!r} is not valid JSON: {err}") from None
+    if not (isinstance(entries, dict) and entries and all(type(label) is int for label in entries.values())):
+        raise ValueError(f"split file {str(path)!r}: expected a non-empty JSON object {{image path: integer label}}")
+    return entries
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """One image file as uint8 (3, size, size): RGB, shorter side resized to ``size / CROP_FRACTION``, centre crop."""
+    from PIL import Image
+
+    tf = import_torchvision().transforms.functional
+    with Image.open(path) as img:
+        img = tf.center_crop(tf.resize(img.convert("RGB"), round(size / CROP_FRACTION)), [size, size])
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _class_names(splits: dict[str, dict[str, int]], ids: list[int]) -> list[str]:
+    """Per label id: the one folder all its images sit in (e.g. ``001.ak47``), else the id itself."""
+    folders: dict[int, set[str]] = {i: set() for i in ids}
+    for entries in splits.values():
+        for rel, label in entries.items():
+            folders[label].add(Path(rel).parent.name)
+
+    def name(i: int) -> str:
+        only = next(iter(folders[i])) if len(folders[i]) == 1 else ""
+        return only or str(i)
+
+    return [name(i) for i in ids]
+
+
+def load_image_list(cfg: DataConfig) -> RawSplits:
+    """Images listed in JSON split files (the reference code's format), decoded and resized in memory.
+
+    Split files come from ``cfg.split_dir`` (default ``cfg.root``); image paths in them are relative
+    to ``cfg.root``. Every image is converted to RGB, its shorter side resized to
+    ``image_size / CROP_FRACTION`` and centre-cropped to ``image_size`` (the reference code's
+    evaluation transform; it trains on random crops of the same size). Label ids are mapped to
+    0..k-1 in sorted order over all split files together, so every split uses the same mapping
+    (the reference maps each split on its own). Memory: N * 3 * image_size**2 * 4 bytes as float32,
+    e.g. about 18 GB for Caltech-256's ~30k images at 224.
+
+    Returns:
+        RawSplits with images (N, 3, image_size, image_size) float32 in [0, 1], and the val split
+        from ``val.json`` when it exists.
+
+    Raises:
+        FileNotFoundError: ``train.json`` / ``test.json`` or an image file is missing.
+        ValueError: a split file is malformed, or a preset's split files do not have its number of labels.
+    """
+    split_dir = Path(cfg.split_dir or cfg.root)
+    present = {s: split_dir / f"{s}.json" for s in SPLIT_FILES if (split_dir / f"{s}.json").is_file()}
+    if "train" not in present or "test" not in present:
+        raise FileNotFoundError(f"{cfg.name}: {str(split_dir)!r} needs train.json and test.json (val.json optional); "
+                                f"found {sorted(p.name for p in present.values())}")
+    splits = {s: _read_split_file(path) for s, path in present.items()}
+    ids = sorted({label for entries in splits.values() for label in entries.values()})
+    expected = IMAGE_LIST_DATASETS[cfg.name]
+    if expected is not None and len(ids) != expected:
+        raise ValueError(f"{cfg.name} has {expected} classes, but the split files in {str(split_dir)!r} have "
+                         f"{len(ids)} labels; use data.name: imagefolder for another class set")
+    root = Path(cfg.root)
+    absent = [rel for entries in splits.values() for rel in entries if not (root / rel).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{cfg.name}: {len(absent)} images of the split files are not under {str(root)!r}, "
+                                f"e.g. {absent[:3]}")
+    contiguous = {label: i for i, label in enumerate(ids)}
+
+    def read(entries: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.stack([_load_image(root / rel, cfg.image_size) for rel in entries])
+        labels = [contiguous[label] for label in entries.values()]
+        return torch.from_numpy(images).float() / 255.0, torch.tensor(labels, dtype=torch.long)
+
+    data = {s: read(entries) for s, entries in splits.items()}
+    val_images, val_labels = data.get("val", (None, None))
+    return RawSplits(*data["train"], *data["test"], _class_names(splits, ids), val_images, val_labels)
+
+
+for _name in IMAGE_LIST_DATASETS:  # imagefolder and its presets share one loader
+    register_dataset(_name)(load_image_list)
+
+
 def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.ndarray:
     """Indices of a stratified subsample of ``size`` (all indices when size is None or too big)."""
     idx = np.arange(len(labels))
@@ -156,12 +323,19 @@ def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.nd
     return np.sort(taken)
 
 
+def _keep_classes(images: torch.Tensor, labels: torch.Tensor, relabel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images whose class ``relabel`` keeps (entry >= 0), with their labels mapped through it."""
+    keep = relabel[labels] >= 0
+    return images[keep], relabel[labels[keep]]
+
+
 def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     """Load a dataset and cut it into train / val / test as ``cfg`` says.
 
-    The val split is a stratified ``val_fraction`` of the dataset's train split, drawn with
-    ``seed``; the test split is the dataset's own and only ever capped (with a fixed seed 0, so
-    every trial of a study tests on the same images).
+    The val split is the dataset's own where it has one (``imagefolder`` with ``val.json``; then
+    ``val_fraction`` is unused), else a stratified ``val_fraction`` of the dataset's train split,
+    drawn with ``seed``; the test split is the dataset's own and only ever capped (with a fixed
+    seed 0, so every trial of a study tests on the same images).
 
     Returns:
         DataSplits with images (N, C, H, W) float32 in [0, 1] and labels (N,) int64 in 0..k-1.
@@ -172,22 +346,25 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     raw = DATASETS[cfg.name](cfg)
     names = raw.class_names
     train_x, train_y, test_x, test_y = raw.train_images, raw.train_labels, raw.test_images, raw.test_labels
+    val_x, val_y = raw.val_images, raw.val_labels
     if cfg.classes is not None:
         missing = [c for c in cfg.classes if not 0 <= c < len(names)]
         if missing:
             raise ValueError(f"data.classes: {missing} not in {cfg.name} (classes 0..{len(names) - 1})")
         relabel = torch.full((len(names),), -1, dtype=torch.long)
         relabel[cfg.classes] = torch.arange(len(cfg.classes))
-        keep_train, keep_test = relabel[train_y] >= 0, relabel[test_y] >= 0
-        train_x, train_y = train_x[keep_train], relabel[train_y[keep_train]]
-        test_x, test_y = test_x[keep_test], relabel[test_y[keep_test]]
+        train_x, train_y = _keep_classes(train_x, train_y, relabel)
+        test_x, test_y = _keep_classes(test_x, test_y, relabel)
+        if val_y is not None:
+            val_x, val_y = _keep_classes(val_x, val_y, relabel)
         names = [names[c] for c in cfg.classes]
 
-    fit_idx, val_idx = train_test_split(
-        np.arange(len(train_y)), test_size=cfg.val_fraction, stratify=train_y.numpy(), random_state=seed
-    )
-    val_x, val_y = train_x[val_idx], train_y[val_idx]
-    train_x, train_y = train_x[fit_idx], train_y[fit_idx]
+    if val_y is None:
+        fit_idx, val_idx = train_test_split(
+            np.arange(len(train_y)), test_size=cfg.val_fraction, stratify=train_y.numpy(), random_state=seed
+        )
+        val_x, val_y = train_x[val_idx], train_y[val_idx]
+        train_x, train_y = train_x[fit_idx], train_y[fit_idx]
 
     keep = _stratified_take(train_y, cfg.train_size, seed)
     train_x, train_y = train_x[keep], train_y[keep]

@@ -22,7 +22,7 @@ from roli_sweep.config import AttackConfig, PretrainConfig, evaluation_attack
 from roli_sweep.data import load_splits
 from roli_sweep.models.backbone import build_backbone
 from roli_sweep.provenance import git_commit, package_versions
-from roli_sweep.train import adversarial_epoch, evaluate, make_loader, make_optimizer, resolve_device, step_size, warmup_cosine
+from roli_sweep.train import adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, step_size, warmup_cosine
 from roli_sweep.trial import seed_everything
 
 
@@ -52,25 +52,23 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
     """
     started, commit = time.perf_counter(), git_commit()  # the code that runs is the code at the start
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    runtime = make_runtime(cfg.device, cfg.precision, cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
-    model = build_backbone(cfg.backbone, splits.num_classes).to(device)
+    model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
     training_attack = cfg.attack if cfg.adversarial else cfg.attack.model_copy(update={"steps": 0})
-    loader = make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed)
+    loader = make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, device=runtime.device)
     optimizer = make_optimizer(list(model.parameters()), cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train, len(loader)))
-    val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+    val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed, device=runtime.device)
     eval_attack = evaluation_attack(cfg.attack, cfg.eval)
     for epoch in range(1, cfg.train.epochs + 1):
-        stats = adversarial_epoch(model, loader, optimizer, scheduler, training_attack, device, generator)
-        val_clean, val_robust = evaluate(model, val_loader, eval_attack, cfg.eval.val_steps, device, generator)
+        stats = adversarial_epoch(model, loader, optimizer, scheduler, training_attack, runtime)
+        val_clean, val_robust = evaluate(model, val_loader, eval_attack, cfg.eval.val_steps, runtime)
         if on_epoch:
             on_epoch({"epoch": epoch, "train_loss": stats.train_loss, "images_per_s": stats.images_per_s,
                       "val_clean_acc": val_clean, "val_robust_acc": val_robust})
-    test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-    test_clean, test_robust = evaluate(model, test_loader, eval_attack, cfg.eval.val_steps, device,
-                                       torch.Generator(device).manual_seed(cfg.seed + 2))
+    test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed, device=runtime.device)
+    test_clean, test_robust = evaluate(model, test_loader, eval_attack, cfg.eval.val_steps, runtime.reseeded(cfg.seed + 2))
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class Runtime:
+    """Where and how a stage computes: the device, the attacks' RNG, and the autocast dtype (None = fp32)."""
+
+    device: torch.device
+    generator: torch.Generator
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for forward passes (attacks included); a no-op context in fp32."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def reseeded(self, seed: int) -> Runtime:
+        """The same runtime with a fresh attack RNG."""
+        return Runtime(self.device, torch.Generator(self.device).manual_seed(seed), self.autocast_dtype)
+
+
+def make_runtime(device: str, precision: str, seed: int) -> Runtime:
+    """Resolve ``device`` and ``precision`` (``auto`` = bf16 autocast on CUDA, fp32 elsewhere; ``bf16``; ``fp32``).
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed (torch.autocast docs).
+    """
+    resolved = resolve_device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and resolved.type == "cuda")
+    return Runtime(resolved, torch.Generator(resolved).manual_seed(seed), torch.bfloat16 if bf16 else None)
+
+
 def step_size(attack: AttackConfig, steps: int) -> float:
     """The configured PGD step, or 2.5 * eps / steps (Madry et al., 2018) when unset; [0, 1] pixel units."""
     if attack.step_size is not None:
@@ -40,10 +67,11 @@ def step_size(attack: AttackConfig, steps: int) -> float:
     return 2.5 * attack.eps / max(steps, 1)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """A loader over in-memory tensors; the shuffle order is fixed by ``seed``."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, device: torch.device) -> DataLoader:
+    """A loader over in-memory tensors; the shuffle order is fixed by ``seed``; pinned memory for CUDA."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                      pin_memory=device.type == "cuda")
 
 
 def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
@@ -83,8 +111,7 @@ def adversarial_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     attack: AttackConfig,
-    device: torch.device,
-    generator: torch.Generator | None = None,
+    runtime: Runtime,
     train_part: nn.Module | None = None,
 ) -> EpochStats:
     """Train one epoch on PGD adversarial examples of every batch (attack computed in eval mode).
@@ -92,7 +119,7 @@ def adversarial_epoch(
     Args:
         loader: batches of images (B, C, H, W) in [0, 1] and labels (B,).
         attack: the training threat model (eps, steps, step size, random start).
-        generator: RNG for the attacks' random starts (on ``device``).
+        runtime: device, attack RNG and autocast dtype.
         train_part: only this submodule runs in train mode, the rest in eval mode (linear probing:
             the frozen backbone's dropout / drop-path stay off). None = the whole model.
     """
@@ -105,10 +132,11 @@ def adversarial_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x_adv = pgd(model, x, y, attack.eps, step, attack.steps, attack.random_start, generator)
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            x_adv = pgd(model, x, y, attack.eps, step, attack.steps, attack.random_start, runtime.generator)
+            logits = model(x_adv)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,8 +158,7 @@ def evaluate(
     loader: DataLoader,
     attack: AttackConfig,
     steps: int,
-    device: torch.device,
-    generator: torch.Generator | None = None,
+    runtime: Runtime,
 ) -> tuple[float, float]:
     """Clean accuracy and PGD-``steps`` robust accuracy at ``attack.eps``, model in eval mode.
 
@@ -143,10 +170,12 @@ def evaluate(
     step = step_size(attack, steps)
     clean, robust, seen = 0, 0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        clean += _correct(model, x, y).sum().item()
-        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, generator, prefer_misclassified=True)
-        robust += _correct(model, x_adv, y).sum().item()
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            clean += _correct(model, x, y).sum().item()
+            x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, runtime.generator,
+                        prefer_misclassified=True)
+            robust += _correct(model, x_adv, y).sum().item()
         seen += len(y)
     model.train(was_training)
     return clean / seen, robust / seen

@@ -25,7 +25,7 @@ from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
 from roli_sweep.models.methods import apply_method, freeze_all_but_head, trainable_parameter_count
-from roli_sweep.train import adversarial_epoch, evaluate, make_loader, make_optimizer, resolve_device, warmup_cosine
+from roli_sweep.train import Runtime, adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, warmup_cosine
 
 OnEpoch = Callable[[str, dict[str, float]], None]
 """Called as ``on_epoch(stage, metrics)`` after every epoch; stage is ``"probe"`` or ``"finetune"``."""
@@ -57,12 +57,11 @@ class _Stage:
     """Runs the epochs of one stage and remembers the trainable state of the best robust epoch."""
 
     def __init__(self, model: nn.Module, stage: StageConfig, cfg: TrialConfig, splits: DataSplits,
-                 device: torch.device, generator: torch.Generator, seed: int, train_part: nn.Module | None = None) -> None:
-        self.model, self.stage, self.cfg, self.device, self.generator = model, stage, cfg, device, generator
-        self.train_part = train_part
+                 runtime: Runtime, seed: int, train_part: nn.Module | None = None) -> None:
+        self.model, self.stage, self.cfg, self.runtime, self.train_part = model, stage, cfg, runtime, train_part
         self.eval_attack = evaluation_attack(cfg.attack, cfg.eval)
-        self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed)
-        self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed)
+        self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed, device=runtime.device)
+        self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed, device=runtime.device)
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, stage)
@@ -73,9 +72,9 @@ class _Stage:
     def epochs(self) -> Iterator[dict[str, float]]:
         for epoch in range(1, self.stage.epochs + 1):
             stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
-                                      self.cfg.attack, self.device, self.generator, self.train_part)
+                                      self.cfg.attack, self.runtime, self.train_part)
             clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
-                                     self.device, self.generator)
+                                     self.runtime)
             metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
                        "lr": stats.lr, "train_images_per_s": stats.images_per_s,
                        "val_clean_acc": clean, "val_robust_acc": robust}
@@ -98,8 +97,7 @@ class Prepared:
 
     model: NormalizedModel
     splits: DataSplits
-    device: torch.device
-    generator: torch.Generator
+    runtime: Runtime
     initial_head: dict[str, torch.Tensor]
 
 
@@ -114,18 +112,17 @@ class ProbeOutcome:
 def prepare(cfg: TrialConfig) -> Prepared:
     """Seed everything, load the data and build the backbone with a fresh head (kept for RanLI)."""
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    runtime = make_runtime(cfg.device, cfg.precision, cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
-    model = build_backbone(cfg.backbone, splits.num_classes).to(device)
+    model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
     initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
-    return Prepared(model, splits, device, torch.Generator(device).manual_seed(cfg.seed), initial_head)
+    return Prepared(model, splits, runtime, initial_head)
 
 
 def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutcome:
     """Stage 1: adversarial linear probing of the frozen backbone; leaves the best head in the model."""
     freeze_all_but_head(prep.model)
-    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.device, prep.generator, cfg.seed,
-                   train_part=prep.model.head)
+    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed, train_part=prep.model.head)
     for metrics in probe.epochs():
         on_epoch("probe", metrics)
     probe.restore_best()
@@ -164,18 +161,18 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
     probe = run_probe(cfg, prep, record)
     init_finetune_head(cfg, prep, probe)
     apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
-    prep.model.to(prep.device)
+    prep.model.to(prep.runtime.device)
     constants = {**probe.metrics, "trainable_params": trainable_parameter_count(prep.model)}
-    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.device, prep.generator, cfg.seed + 1)
+    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1)
     final: dict[str, float] = {}
     for metrics in finetune.epochs():
         metrics.update(constants)
         if metrics["epoch"] == cfg.finetune.epochs:
             finetune.restore_best()
-            test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+            test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
+                                      device=prep.runtime.device)
             test_clean, test_robust = evaluate(prep.model, test_loader, finetune.eval_attack, cfg.eval.test_steps,
-                                               prep.device,
-                                               torch.Generator(prep.device).manual_seed(cfg.seed + 2))
+                                               prep.runtime.reseeded(cfg.seed + 2))
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
                      "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
             metrics.update(final)

@@ -11,7 +11,7 @@ from roli_sweep.config import ConfigError, TrialConfig, apply_overrides, load_se
 from tests.conftest import write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED_SPACES = sorted((REPO / "search_spaces").glob("**/*.yaml"))
+SHIPPED_SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))  # paper presets: tests/test_paper_presets.py
 
 
 @pytest.mark.parametrize("path", SHIPPED_SPACES, ids=lambda p: p.name)

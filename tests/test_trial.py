@@ -61,3 +61,14 @@ def test_probe_keeps_the_frozen_backbone_in_eval_mode(trial_dict):
     run_probe(cfg, prep, lambda stage, m: None)
     hook.remove()
     assert modes and not any(modes)
+
+
+def test_bf16_autocast_runs_a_trial(trial_dict):
+    """The GPU path's mixed precision, exercised on CPU (torch.autocast supports bf16 there too)."""
+    from roli_sweep.train import make_runtime
+
+    assert make_runtime("cpu", "auto", 0).autocast_dtype is None
+    assert make_runtime("cpu", "bf16", 0).autocast_dtype == torch.bfloat16
+    trial_dict["precision"] = "bf16"
+    result = run_trial(TrialConfig.model_validate(trial_dict))
+    assert 0.0 <= result.metrics["test_robust_acc"] <= 1.0

@@ -3,18 +3,23 @@
 Normalising inside the model (as MadryLab robustness's ``AttackerModel`` does) means attacks and
 eps always live in [0, 1] pixel space, whatever statistics the backbone was trained with.
 Weights come from local files only (no hub): ``.safetensors`` (preferred) or ``.pth`` loaded with
-``torch.load(weights_only=True)``; timm's pretrained loader then adapts them to the requested
-``img_size`` / ``patch_size`` / ``in_chans`` (resampling patch and position embeddings) and drops
-the source head, which the target task replaces.
+``torch.load(weights_only=True)``, in the layouts robust-model releases use: a plain state dict,
+one under ``model`` or ``state_dict`` (also nested, next to optimizer state, epoch and the like),
+keys with DataParallel's ``module.`` prefix. timm's pretrained loader then adapts them to the
+requested ``img_size`` / ``patch_size`` / ``in_chans`` (resampling patch and position embeddings)
+and drops the source head, which the target task replaces. Which tensors matched is logged.
 """
 from __future__ import annotations
 
 import json
 import logging
+import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from roli_sweep._torchvision_compat import import_torchvision
@@ -66,25 +71,75 @@ def model_card(weights: str) -> dict[str, Any] | None:
     return json.loads(card.read_text()) if card.is_file() else None
 
 
+CHECKPOINT_KEYS = ("state_dict", "model")
+"""Keys under which checkpoints keep the model's state dict, tried in this order."""
+
+DATA_PARALLEL_PREFIX = "module."
+"""What ``nn.DataParallel`` / ``DistributedDataParallel`` put before every key of the wrapped model."""
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors, or from a pickle with ``weights_only=True`` (no code runs)."""
+    """The model state dict in a weights file, unwrapped by :func:`unwrap_checkpoint`.
+
+    Reads safetensors, or a pickle with ``weights_only=True`` (tensors and plain containers only,
+    no code runs).
+
+    Raises:
+        ValueError: the pickle holds other objects (e.g. a training script's ``args``), or no state dict.
+    """
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return unwrap_checkpoint(load_file(str(path)), str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"weights {str(path)!r} hold objects other than tensors, which are not unpickled (weights_only=True); "
+            "save just the model's state dict from a copy you trust, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['model'], 'backbone.pth')"
+            f" ({str(err).splitlines()[0]})"
+        ) from None
+    return unwrap_checkpoint(checkpoint, str(path))
+
+
+def unwrap_checkpoint(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``checkpoint``, with DataParallel's ``module.`` prefixes removed.
+
+    A dict of tensors is the state dict; otherwise the first of :data:`CHECKPOINT_KEYS` holding a
+    dict is descended into, repeatedly (``{"model": {"state_dict": {...}}, "epoch": 5}``).
+
+    Raises:
+        ValueError: no dict of tensors is found (the message names ``source`` and the keys seen).
+    """
+    state = checkpoint
+    while not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        inner = [state[k] for k in CHECKPOINT_KEYS if isinstance(state, dict) and isinstance(state.get(k), dict)]
+        if not inner:
+            found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"weights {source!r}: no state dict found (a dict of tensors, possibly under "
+                             f"{' / '.join(CHECKPOINT_KEYS)}); found {found}")
+        state = inner[0]
+    return {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state.items()}
 
 
 class NormalizedModel(nn.Module):
-    """``net((x - mean) / std)``: takes images (B, C, H, W) in [0, 1], returns logits (B, num_classes)."""
+    """``net((resize(x) - mean) / std)``: images (B, C, H, W) in [0, 1] -> logits (B, num_classes).
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float]) -> None:
+    With ``input_size`` set, images are resized (bilinear, differentiable) to ``input_size`` square
+    inside the model, so attacks perturb the dataset's native pixels (CIFAR at 32x32, as the RoLI
+    reference does) while the backbone sees its own resolution.
+    """
+
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], input_size: int | None = None) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.input_size = net, input_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.net((x - self.mean) / self.std)
 
     @property
@@ -96,29 +151,24 @@ class NormalizedModel(nn.Module):
 def build_backbone(cfg: BackboneConfig, num_classes: int) -> NormalizedModel:
     """Create ``cfg.name`` with ``cfg.kwargs`` and a fresh ``num_classes`` head, loading ``cfg.weights``.
 
-    The source head is never loaded: the target task has its own classes.
+    The source head is never loaded: the target task has its own classes. Matched, missing and
+    unexpected checkpoint keys are logged.
 
     Raises:
-        ValueError: the weights file is missing, or it matches less than half of the backbone's
-            tensors (the backbone would silently stay random).
+        ValueError: the weights file is missing, holds no state dict or objects other than tensors,
+            or matches less than half of the backbone's tensors (the backbone would silently stay random).
     """
     kwargs = dict(cfg.kwargs, num_classes=num_classes)
     if cfg.weights is None:
         log.warning("backbone %s has no weights: random initialisation", cfg.name)
         net = timm.create_model(cfg.name, pretrained=False, **kwargs)
-        return NormalizedModel(net, cfg.mean, cfg.std)
+        return NormalizedModel(net, cfg.mean, cfg.std, cfg.input_size)
 
     path = resolve_weights(cfg.weights)
     probe = timm.create_model(cfg.name, pretrained=False, **kwargs)
     head_keys = {f"{name}.{p}" for name in _classifier_names(probe) for p in ("weight", "bias")}
     state = {k: v for k, v in load_state_dict(path).items() if k not in head_keys}
-    backbone_keys = set(probe.state_dict()) - head_keys
-    matched = backbone_keys & set(state)
-    if len(matched) < len(backbone_keys) / 2:
-        raise ValueError(
-            f"weights {str(path)!r} match only {len(matched)} of {len(backbone_keys)} tensors of {cfg.name}: "
-            "the backbone would stay random (wrong architecture or kwargs?)"
-        )
+    _check_keys(probe, state, head_keys, f"weights {str(path)!r} for {cfg.name}")
     in_chans = cfg.kwargs.get("in_chans", 3)
     net = timm.create_model(
         cfg.name,
@@ -126,7 +176,52 @@ def build_backbone(cfg: BackboneConfig, num_classes: int) -> NormalizedModel:
         pretrained_cfg_overlay=dict(state_dict=state, num_classes=0, input_size=(in_chans, 224, 224)),
         **kwargs,
     )
-    return NormalizedModel(net, cfg.mean, cfg.std)
+    return NormalizedModel(net, cfg.mean, cfg.std, cfg.input_size)
+
+
+def _check_keys(net: nn.Module, state: dict[str, torch.Tensor], head_keys: set[str], source: str) -> None:
+    """Log which of ``net``'s backbone tensors ``state`` provides: matched, missing and unexpected keys.
+
+    Keys are compared as timm will load them (see :func:`_as_timm_loads`); ``head_keys`` (the
+    classifier, replaced by the target head) count as neither.
+
+    Raises:
+        ValueError: less than half of the backbone tensors are in ``state`` (the backbone would stay
+            random); the message gives examples of missing and unexpected keys.
+    """
+    model_keys = set(net.state_dict())
+    backbone_keys = model_keys - head_keys
+    loaded = set(_as_timm_loads(net, state))
+    matched = backbone_keys & loaded
+    missing, unexpected = sorted(backbone_keys - loaded), sorted(loaded - model_keys)
+    if len(matched) < len(backbone_keys) / 2:
+        raise ValueError(
+            f"{source} match only {len(matched)} of {len(backbone_keys)} backbone tensors: the backbone would "
+            f"stay random (wrong architecture or kwargs?); e.g. missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    log.info("%s: %d of %d backbone tensors loaded", source, len(matched), len(backbone_keys))
+    if missing:
+        log.warning("%s: %d backbone tensors missing, they stay randomly initialised: %s",
+                    source, len(missing), ", ".join(missing))
+    if unexpected:
+        log.warning("%s: %d unexpected tensors ignored: %s", source, len(unexpected), ", ".join(unexpected))
+
+
+def _as_timm_loads(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` after the ``checkpoint_filter_fn`` of ``net``'s timm module, where it has one.
+
+    timm applies that filter before loading: it renames keys of older layouts (e.g. the original
+    Swin's downsample placement) and drops non-persistent buffers (Swin's ``attn_mask``), so key
+    names are only comparable after it. If the filter cannot read ``state`` (a checkpoint of another
+    architecture), ``state`` is returned unchanged and its key names are compared as they are.
+    """
+    filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(dict(state), net)
+    except Exception:  # noqa: BLE001 -- any failure means "not this architecture's layout"; the key check reports it
+        return state
 
 
 def _classifier_names(net: nn.Module) -> list[str]:
