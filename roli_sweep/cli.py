@@ -67,6 +67,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _sampled(row, space) -> list[str]:
+    return [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.sampled.get(k) for k in space.parameters)]
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     _positive(args.num_samples, "--num-samples")
     _positive(args.max_concurrent, "--max-concurrent")
@@ -96,10 +100,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for column in ("status", "epochs", "val clean", "val robust", "test clean", "test robust"):
         table.add_column(column, justify="right")
     for row in sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1)):
-        sampled = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.sampled.get(k) for k in space.parameters)]
-        table.add_row(row.trial_id, *sampled, row.status, str(row.epochs), _fmt(row.val_clean_acc),
+        table.add_row(row.trial_id, *_sampled(row, space), row.status, str(row.epochs), _fmt(row.val_clean_acc),
                       _fmt(row.val_robust_acc), _fmt(row.test_clean_acc), _fmt(row.test_robust_acc))
     console.print(table)
+    if space.metric.multi_objective:
+        front = Table(title="Pareto front of the completed trials: val clean vs val robust accuracy "
+                            "(plot: pareto_front.png in the parent run)")
+        for column in ("trial", *[k.split(".")[-1] for k in space.parameters], "val clean", "val robust"):
+            front.add_column(column, justify="right")
+        for row in outcome.pareto_front():
+            front.add_row(row.trial_id, *_sampled(row, space), _fmt(row.val_clean_acc), _fmt(row.val_robust_acc))
+        console.print(front)
     for row in outcome.rows:
         if row.error:
             console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}")

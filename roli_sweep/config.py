@@ -324,6 +324,8 @@ class MetricSpec(_Strict):
 
     name: Literal["val_robust_acc"] = Field("val_robust_acc", description="ASHA and Optuna use its best value so far")
     goal: Literal["maximize"] = "maximize"
+    multi_objective: bool = Field(False, description="Optuna maximises (val_clean_acc, val_robust_acc) together and "
+                                  "the sweep reports the Pareto front; ASHA still prunes on val_robust_acc")
 
 
 class Resources(_Strict):

@@ -9,6 +9,7 @@ failed and the sweep goes on. References: Ray Tune ``Tuner`` / ``OptunaSearch`` 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
+from roli_sweep.plots import plot_pareto  # noqa: E402
 from roli_sweep.tracking import MlflowTrialCallback, finish_parent_run, start_parent_run, trial_status  # noqa: E402
 
 
@@ -97,10 +99,21 @@ class SweepOutcome:
     tracking_uri: str
     storage_path: Path
 
+    def completed(self) -> list[TrialRow]:
+        """Trials that ran every finetune epoch and reported validation accuracies."""
+        return [r for r in self.rows if r.status == "completed" and r.val_robust_acc is not None]
+
     def best(self) -> TrialRow | None:
         """The completed trial with the highest best validation robust accuracy."""
-        done = [r for r in self.rows if r.status == "completed" and r.val_robust_acc is not None]
-        return max(done, key=lambda r: r.val_robust_acc) if done else None
+        return max(self.completed(), key=lambda r: r.val_robust_acc, default=None)
+
+    def pareto_front(self) -> list[TrialRow]:
+        """Completed trials no other completed trial beats on both val clean and val robust accuracy, by clean."""
+        done = self.completed()
+        front = [r for r in done if not any(
+            o.val_clean_acc >= r.val_clean_acc and o.val_robust_acc >= r.val_robust_acc
+            and (o.val_clean_acc, o.val_robust_acc) != (r.val_clean_acc, r.val_robust_acc) for o in done)]
+        return sorted(front, key=lambda r: r.val_clean_acc)
 
 
 def default_sweep_name(space: SearchSpace) -> str:
@@ -168,17 +181,20 @@ def run_sweep(
                                    resume_errored=True)
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pruned_on = f"best_{space.metric.name}"
+        objectives = ["best_val_clean_acc", pruned_on] if space.metric.multi_objective else pruned_on
+        modes = ["max", "max"] if space.metric.multi_objective else "max"
         search = ConcurrencyLimiter(
-            OptunaSearch(sampler=optuna.samplers.TPESampler(seed=space.seed)),
+            OptunaSearch(metric=objectives, mode=modes, sampler=optuna.samplers.TPESampler(seed=space.seed)),
             max_concurrent=space.max_concurrent)
-        scheduler = ASHAScheduler(time_attr="epoch", grace_period=space.scheduler.grace_period,
+        scheduler = ASHAScheduler(time_attr="epoch", metric=pruned_on, mode="max",
+                                  grace_period=space.scheduler.grace_period,
                                   reduction_factor=space.scheduler.reduction_factor,
                                   max_t=space.scheduler.max_t or space.base.finetune.epochs)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric=f"best_{space.metric.name}", mode="max",
-                                        search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
                                       callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base),
@@ -197,5 +213,10 @@ def run_sweep(
     if best is not None:
         best_metrics = {"val_clean_acc": best.val_clean_acc, "val_robust_acc": best.val_robust_acc,
                         "test_clean_acc": best.test_clean_acc, "test_robust_acc": best.test_robust_acc}
+    if space.metric.multi_objective and outcome.completed():
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "pareto_front.png"
+            plot_pareto(outcome.completed(), outcome.pareto_front(), png, title=f"sweep {name}")
+            client.log_artifact(parent_run_id, str(png))
     finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None)
     return outcome

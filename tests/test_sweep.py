@@ -82,3 +82,29 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert len(children) == 3
     assert all(c.data.tags["status"] == "failed" and c.info.status == "FAILED" for c in children)
     assert parent.data.metrics["trials_failed"] == 3 and parent.info.status == "FINISHED"
+
+
+def test_multi_objective_sweep_reports_a_pareto_front(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):
+    monkeypatch.chdir(tmp_path)
+    tree = copy.deepcopy(space_dict)
+    tree["metric"]["multi_objective"] = True
+    tree["num_samples"] = 3
+    tree["scheduler"]["grace_period"] = 2  # no pruning: every trial completes
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--space", str(write_yaml(tmp_path / "mo.yaml", tree)), "--name", "s3", "--tracking-uri", uri]) == 0
+    assert "Pareto front" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    parent, children = _children(client, "s3")
+    assert "pareto_front.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert len(children) == 3 and all(c.data.tags["status"] == "completed" for c in children)
+
+
+def test_pareto_front_keeps_only_undominated_trials():
+    from roli_sweep.sweep import SweepOutcome, TrialRow
+
+    def row(tid, clean, robust):
+        return TrialRow(tid, {}, "completed", 2, clean, robust, None, None)
+
+    rows = [row("a", 0.9, 0.1), row("b", 0.5, 0.5), row("c", 0.4, 0.4), row("d", 0.2, 0.6), row("e", 0.9, 0.05)]
+    outcome = SweepOutcome("s", rows, "p", "e", "u", None)
+    assert [r.trial_id for r in outcome.pareto_front()] == ["d", "b", "a"]
