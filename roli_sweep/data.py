@@ -48,7 +48,7 @@ from roli_sweep.config import DataConfig
 
 @dataclass
 class RawSplits:
-    """A dataset's own splits. Images (N, C, H, W) float in [0, 1]; labels (N,) int64.
+    """A dataset's own splits. Images (N, C, H, W), float in [0, 1] or uint8 in 0..255; labels (N,) int64.
 
     ``val_images`` / ``val_labels`` are a fixed validation split where the dataset has one
     (``imagefolder`` with ``val.json``); otherwise None and :func:`load_splits` draws one from train.
@@ -63,13 +63,22 @@ class RawSplits:
     val_labels: torch.Tensor | None = None
 
 
+class ImageDataset(TensorDataset):
+    """(image, label) pairs over in-memory tensors; uint8 images are held as such (a quarter of float32's
+    memory) and each sample is returned as float32 (C, H, W) in [0, 1]."""
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return (image.float() / 255.0 if image.dtype == torch.uint8 else image), label
+
+
 @dataclass
 class DataSplits:
-    """What a trial uses: three disjoint splits of (image (C, H, W) in [0, 1], label) pairs."""
+    """What a trial uses: three disjoint splits of (image (C, H, W) float in [0, 1], label) pairs."""
 
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
     class_names: list[str]
 
     @property
@@ -271,11 +280,11 @@ def load_image_list(cfg: DataConfig) -> RawSplits:
     ``image_size / CROP_FRACTION`` and centre-cropped to ``image_size`` (the reference code's
     evaluation transform; it trains on random crops of the same size). Label ids are mapped to
     0..k-1 in sorted order over all split files together, so every split uses the same mapping
-    (the reference maps each split on its own). Memory: N * 3 * image_size**2 * 4 bytes as float32,
-    e.g. about 18 GB for Caltech-256's ~30k images at 224.
+    (the reference maps each split on its own). Images stay uint8 in memory: N * 3 * image_size**2
+    bytes, e.g. about 4.5 GB for Caltech-256's ~30k images at 224.
 
     Returns:
-        RawSplits with images (N, 3, image_size, image_size) float32 in [0, 1], and the val split
+        RawSplits with images (N, 3, image_size, image_size) uint8, and the val split
         from ``val.json`` when it exists.
 
     Raises:
@@ -303,7 +312,7 @@ def load_image_list(cfg: DataConfig) -> RawSplits:
     def read(entries: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.stack([_load_image(root / rel, cfg.image_size) for rel in entries])
         labels = [contiguous[label] for label in entries.values()]
-        return torch.from_numpy(images).float() / 255.0, torch.tensor(labels, dtype=torch.long)
+        return torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)  # uint8: 1 byte per pixel
 
     data = {s: read(entries) for s, entries in splits.items()}
     val_images, val_labels = data.get("val", (None, None))
@@ -338,7 +347,8 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     seed 0, so every trial of a study tests on the same images).
 
     Returns:
-        DataSplits with images (N, C, H, W) float32 in [0, 1] and labels (N,) int64 in 0..k-1.
+        DataSplits whose samples are images (C, H, W) float32 in [0, 1] and labels int64 in 0..k-1
+        (image lists are stored as uint8 and converted per sample).
 
     Raises:
         ValueError: a requested class does not exist in the dataset.
@@ -374,14 +384,16 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     test_x, test_y = test_x[keep], test_y[keep]
 
     def resize(x: torch.Tensor) -> torch.Tensor:
-        if cfg.image_size is None or x.shape[-1] == cfg.image_size:
+        if cfg.image_size is None or x.shape[-2:] == (cfg.image_size, cfg.image_size):
             return x.contiguous()
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True, align_corners=False)
         return x.clamp_(0.0, 1.0)
 
     return DataSplits(
-        TensorDataset(resize(train_x), train_y),
-        TensorDataset(resize(val_x), val_y),
-        TensorDataset(resize(test_x), test_y),
+        ImageDataset(resize(train_x), train_y),
+        ImageDataset(resize(val_x), val_y),
+        ImageDataset(resize(test_x), test_y),
         names,
     )

@@ -154,8 +154,10 @@ def test_imagefolder_uses_fixed_val_split_and_maps_labels(tmp_path):
     assert a.class_names == ["009.class9", "000.class0"]
     assert (len(a.train), len(a.val), len(a.test)) == (8, 4, 6)  # val is val.json's, not carved from train
     assert torch.equal(a.val.tensors[0], b.val.tensors[0]), "a fixed val split does not move with the seed"
-    x, y = a.train.tensors
-    assert x.shape[1:] == (3, 8, 8) and x.dtype == torch.float32
+    assert a.train.tensors[0].dtype == torch.uint8, "image lists are held as uint8 (a quarter of float32's memory)"
+    samples = [a.train[i] for i in range(len(a.train))]
+    x, y = torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+    assert x.shape[1:] == (3, 8, 8) and x.dtype == torch.float32  # each sample comes out float in [0, 1]
     colour = {0: torch.tensor([90.0, 20.0, 30.0]) / 255, 1: torch.zeros(3)}  # new label 0 = id 9, 1 = id 0 (grey 0)
     for image, label in zip(x, y.tolist()):
         assert torch.allclose(image, colour[label].view(3, 1, 1).expand(3, 8, 8), atol=1 / 255)
