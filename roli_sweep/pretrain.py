@@ -68,7 +68,7 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
             on_epoch({"epoch": epoch, "train_loss": stats.train_loss, "images_per_s": stats.images_per_s,
                       "val_clean_acc": val_clean, "val_robust_acc": val_robust})
     test_loader = make_loader(splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed, device=runtime.device)
-    test_clean, test_robust = evaluate(model, test_loader, eval_attack, cfg.eval.val_steps, runtime.reseeded(cfg.seed + 2))
+    test_clean, test_robust = evaluate(model, test_loader, eval_attack, cfg.eval.val_steps, runtime.for_test(cfg.seed + 2))
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,9 +45,10 @@ class Runtime:
         """Mixed precision for forward passes (attacks included); a no-op context in fp32."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def reseeded(self, seed: int) -> Runtime:
-        """The same runtime with a fresh attack RNG."""
-        return Runtime(self.device, torch.Generator(self.device).manual_seed(seed), self.autocast_dtype)
+    def for_test(self, seed: int) -> Runtime:
+        """The runtime of the final test: same device, fresh attack RNG, fp32 (reported numbers never come
+        from reduced precision)."""
+        return Runtime(self.device, torch.Generator(self.device).manual_seed(seed), None)
 
 
 def make_runtime(device: str, precision: str, seed: int) -> Runtime:

@@ -12,6 +12,7 @@ nothing of Ray: it calls the ``on_epoch`` callable it is given.
 """
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ def prepare(cfg: TrialConfig) -> Prepared:
     runtime = make_runtime(cfg.device, cfg.precision, cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
     model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
+    # fail now, not after the whole probe stage, if the method does not fit this backbone
+    apply_method(copy.deepcopy(model), cfg.finetune.method, cfg.finetune.method_params)
     initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     return Prepared(model, splits, runtime, initial_head)
 
@@ -147,7 +150,8 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
     Probe epochs go to ``on_epoch("probe", m)``.
 
     Raises:
-        ValueError / FileNotFoundError: data or weights that cannot be loaded.
+        ValueError / FileNotFoundError: data or weights that cannot be loaded, or a transfer method
+            that does not fit the backbone (found before stage 1 starts).
     """
     started = time.perf_counter()
     history: list[dict[str, float]] = []
@@ -172,7 +176,7 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
             test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
                                       device=prep.runtime.device)
             test_clean, test_robust = evaluate(prep.model, test_loader, finetune.eval_attack, cfg.eval.test_steps,
-                                               prep.runtime.reseeded(cfg.seed + 2))
+                                               prep.runtime.for_test(cfg.seed + 2))
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
                      "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
             metrics.update(final)

@@ -112,3 +112,14 @@ def test_unknown_peft_tuner_is_a_config_error(trial_dict):
     with pytest.raises(ConfigError, match="NOT_A_TUNER"):
         apply_overrides(TrialConfig.model_validate(trial_dict),
                         {"finetune.method": "peft", "finetune.method_params": {"tuner": "NOT_A_TUNER"}})
+
+
+def test_adapter_hidden_size_alone_and_prompt_tuners_refused(trial_dict):
+    from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
+
+    base = TrialConfig.model_validate(trial_dict)
+    cfg = apply_overrides(base, {"finetune.method": "adapter", "finetune.method_params": {"hidden_size": 5}})
+    assert cfg.finetune.method_params == {"reduction_factor": None, "hidden_size": 5}
+    with pytest.raises(ConfigError, match="prompt-learning"):
+        apply_overrides(base, {"finetune.method": "peft",
+                               "finetune.method_params": {"tuner": "PROMPT_TUNING", "config": {"num_virtual_tokens": 4}}})

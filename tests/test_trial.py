@@ -72,3 +72,12 @@ def test_bf16_autocast_runs_a_trial(trial_dict):
     trial_dict["precision"] = "bf16"
     result = run_trial(TrialConfig.model_validate(trial_dict))
     assert 0.0 <= result.metrics["test_robust_acc"] <= 1.0
+
+
+def test_a_method_that_does_not_fit_fails_before_the_probe(trial_dict):
+    trial_dict["backbone"] = {"name": "resnet18", "kwargs": {"in_chans": 1}}
+    trial_dict["finetune"].update(method="prompt", method_params={})
+    seen = []
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        run_trial(TrialConfig.model_validate(trial_dict), lambda stage, m: seen.append(stage))
+    assert seen == [], "no epoch may run"

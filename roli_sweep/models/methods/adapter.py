@@ -45,13 +45,16 @@ def _run_adapter(mlp: Mlp, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
 class AdapterParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    reduction_factor: int | None = Field(8, ge=1, description="hidden size = block width / reduction_factor")
+    reduction_factor: int | None = Field(None, ge=1, description="hidden size = block width / reduction_factor "
+                                         "(8 when neither this nor hidden_size is given)")
     hidden_size: int | None = Field(None, ge=1, description="fixed hidden size (instead of reduction_factor)")
 
     @model_validator(mode="after")
     def _one_size(self) -> AdapterParams:
-        if (self.reduction_factor is None) == (self.hidden_size is None):
-            raise ValueError("give exactly one of reduction_factor and hidden_size")
+        if self.reduction_factor is not None and self.hidden_size is not None:
+            raise ValueError("give one of reduction_factor and hidden_size, not both")
+        if self.reduction_factor is None and self.hidden_size is None:
+            self.reduction_factor = 8
         return self
 
 

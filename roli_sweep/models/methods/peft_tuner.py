@@ -22,14 +22,18 @@ def peft_config(tuner: str, config: dict[str, Any]) -> PeftConfig:
     """Build peft's config object for ``tuner``.
 
     Raises:
-        ValueError: unknown tuner (the message lists peft's) or arguments its config rejects.
+        ValueError: unknown tuner (the message lists peft's), arguments its config rejects, or a
+            prompt-learning tuner (those need a language model's embeddings).
     """
     if tuner not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise ValueError(f"unknown peft tuner {tuner!r}; peft has: {sorted(PEFT_TYPE_TO_CONFIG_MAPPING)}")
     try:
-        return PEFT_TYPE_TO_CONFIG_MAPPING[tuner](**config)
+        built = PEFT_TYPE_TO_CONFIG_MAPPING[tuner](**config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"peft {tuner} config {config}: {err}") from None
+    if built.is_prompt_learning:
+        raise ValueError(f"peft {tuner} is a prompt-learning method for language models; use method 'prompt' for ViTs")
+    return built
 
 
 class PeftParams(BaseModel):

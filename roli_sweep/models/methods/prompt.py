@@ -73,6 +73,8 @@ class Prompt(TransferMethod):
         if not isinstance(net, VisionTransformer):
             raise ValueError(f"prompt supports timm VisionTransformer backbones (vit_*, deit_*), "
                              f"not {type(net).__name__}")
+        if net.grad_checkpointing:
+            raise ValueError("prompt: timm's gradient checkpointing runs the blocks without the prompts; turn it off")
         freeze_all_but_head(model)
         patch_area = math.prod(net.patch_embed.patch_size)
         bound = math.sqrt(6.0 / (3 * patch_area + net.embed_dim))
