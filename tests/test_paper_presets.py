@@ -24,12 +24,46 @@ PAPER = Path(__file__).resolve().parent.parent / "search_spaces" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
 CLASSES = {"cifar10": 10, "cifar100": 100, "caltech256": 257, "cub200": 200, "stanford_dogs": 120}
 EPOCHS = {"cifar10": 20, "cifar100": 20, "caltech256": 40, "cub200": 60, "stanford_dogs": 40}
-REFERENCE_LR = {"linear": [0.05], "full": [5e-4, 1e-4], "lora": [1e-2, 1e-3], "adapter": [5e-2],
-                "prompt": [0.5], "bias": [5e-3]}  # CIFAR-10, RanLI and RoLI (shared/PAPER.md)
+METHODS = ("linear", "full", "lora", "adapter", "prompt", "bias")
+# Reference stage-2 (lr, weight decay) per (method, dataset) and head init, from the RoLI code's
+# configs/ (github.com/DongXzz/RoLI, commit e955131; linear and VPT have RanLI files only).
+REF = {
+ ("adapter","caltech256"): {"ranli": (0.005, 0.0001), "roli": (0.0005, 0.0)},
+ ("adapter","cifar10"): {"ranli": (0.05, 0.01), "roli": (0.05, 0.01)},
+ ("adapter","cifar100"): {"ranli": (0.005, 0.0001), "roli": (0.05, 0.0001)},
+ ("adapter","cub200"): {"ranli": (0.05, 0.0001), "roli": (0.05, 0.001)},
+ ("adapter","stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.0001, 0.0001)},
+ ("bias","caltech256"): {"ranli": (0.001, 0.01), "roli": (0.00001, 0.0)},
+ ("bias","cifar10"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.001)},
+ ("bias","cifar100"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.01)},
+ ("bias","cub200"): {"ranli": (0.005, 0.001), "roli": (0.0005, 0.0001)},
+ ("bias","stanford_dogs"): {"ranli": (0.001, 0.0001), "roli": (0.00005, 0.0001)},
+ ("full","caltech256"): {"ranli": (0.0005, 0.0001), "roli": (0.0001, 0.0001)},
+ ("full","cifar10"): {"ranli": (0.0005, 0.01), "roli": (0.0001, 0.01)},
+ ("full","cifar100"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.001)},
+ ("full","cub200"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.01)},
+ ("full","stanford_dogs"): {"ranli": (0.0005, 0.01), "roli": (0.00005, 0.001)},
+ ("linear","caltech256"): {"ranli": (0.5, 0.01)},
+ ("linear","cifar10"): {"ranli": (0.05, 0.01)},
+ ("linear","cifar100"): {"ranli": (0.1, 0.001)},
+ ("linear","cub200"): {"ranli": (1.0, 0.001)},
+ ("linear","stanford_dogs"): {"ranli": (1.0, 0.01)},
+ ("lora","caltech256"): {"ranli": (0.001, 0.0001), "roli": (0.0001, 0.0001)},
+ ("lora","cifar10"): {"ranli": (0.01, 0.0001), "roli": (0.001, 0.0001)},
+ ("lora","cifar100"): {"ranli": (0.05, 0.0), "roli": (0.001, 0.0001)},
+ ("lora","cub200"): {"ranli": (0.005, 0.0001), "roli": (0.005, 0.0001)},
+ ("lora","stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.001, 0.01)},
+ ("prompt","caltech256"): {"ranli": (0.05, 0.001)},
+ ("prompt","cifar10"): {"ranli": (0.5, 0.001)},
+ ("prompt","cifar100"): {"ranli": (0.5, 0.01)},
+ ("prompt","cub200"): {"ranli": (0.05, 0.001)},
+ ("prompt","stanford_dogs"): {"ranli": (0.05, 0.0001)},
+}
+
 
 
 def test_a_preset_for_every_dataset_and_method():
-    assert {p.stem for p in PRESETS} == {f"{d}_{m}" for d in CLASSES for m in REFERENCE_LR}
+    assert {p.stem for p in PRESETS} == {f"{d}_{m}" for d in CLASSES for m in METHODS}
 
 
 @lru_cache(maxsize=None)
@@ -52,9 +86,15 @@ def test_preset_loads_builds_and_steps(path):
     assert (cfg.eval.val_steps, cfg.eval.test_steps) == (10, 20)
     assert cfg.finetune.batch_size == 64 and cfg.finetune.epochs == EPOCHS[dataset]
     assert space.resources.gpu > 0
+    refs = REF[(method, dataset)]
     lr = space.parameters["finetune.lr"]
-    assert all(lr.min <= ref <= lr.max for ref in REFERENCE_LR[method])
+    assert all(lr.min <= ref_lr <= lr.max for ref_lr, _ in refs.values())
+    wd = space.parameters.get("finetune.weight_decay")
+    assert {ref_wd for _, ref_wd in refs.values()} <= (set(wd.values) if wd else {cfg.finetune.weight_decay})
+    assert (cfg.probe.lr, cfg.probe.weight_decay, cfg.probe.optimizer) == (*REF[("linear", dataset)]["ranli"], "sgd")
+    assert cfg.finetune.warmup_epochs == cfg.probe.warmup_epochs == 10
     assert space.scheduler.grace_period > cfg.finetune.warmup_epochs
+    assert cfg.backbone.name == ("vit_base_patch16_224" if method == "prompt" else "swin_base_patch4_window7_224")
 
     model = copy.deepcopy(_backbone(cfg.backbone.model_dump_json(), CLASSES[dataset]))
     apply_method(model, method, cfg.finetune.method_params)
