@@ -96,8 +96,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"weights {str(path)!r} hold objects other than tensors, which are not unpickled (weights_only=True); "
-            "save just the model's state dict from a copy you trust, e.g. "
-            "torch.save(torch.load(path, weights_only=False)['model'], 'backbone.pth')"
+            "where you trust the file, save just the model's state dict (torch.save(model.state_dict(), ...)) "
+            "or convert it to safetensors"
             f" ({str(err).splitlines()[0]})"
         ) from None
     return unwrap_checkpoint(checkpoint, str(path))
