@@ -116,6 +116,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}")
     console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
                   f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    console.print(f"Ray Tune results: {outcome.storage_path / name} (continue an interrupted sweep with "
+                  f"--resume --name {name})")
     console.print(f"export the best: python run_sweep.py export --name {name} --top-k 3 --out exported "
                   f"--tracking-uri {outcome.tracking_uri}")
     return 0

@@ -37,7 +37,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 def provenance_tags() -> dict[str, str]:
     """Tags that make a run reproducible: git commit and package versions."""
-    tags = {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
+    commit = git_commit()
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit}
     tags.update({f"version.{name}": version for name, version in package_versions().items()})
     return tags
 
