@@ -19,10 +19,11 @@ from roli_sweep.config import (
     evaluation_attack,
     load_pretrain_config,
     load_search_space,
+    load_study_config,
     load_trial_config,
 )
 
-COMMANDS = ("sweep", "train", "export", "pretrain")
+COMMANDS = ("sweep", "train", "export", "pretrain", "study")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep the table readable
 
@@ -55,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
 
     pretrain = sub.add_parser("pretrain", help="make a source backbone with a model card")
     pretrain.add_argument("--config", type=Path, required=True, help="pretraining config YAML")
+    study = sub.add_parser("study", help="the grid study of the paper's findings F1-F3 (resumable, in parts)")
+    study.add_argument("--config", type=Path, default=Path("studies/mini_paper.yaml"), help="study YAML")
+    study.add_argument("--out", type=Path, default=Path("study_results"), help="folder of study states and reports")
+    study.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                       help="run only this part (backbone, target, method, head_init, seed); repeatable")
+    study.add_argument("--report-only", action="store_true", help="write the report from what has finished")
+    study.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    study.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime (default: all)")
+    study.add_argument("--address", help="join an existing Ray cluster")
     return parser
 
 
@@ -155,13 +165,54 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    _positive(args.num_cpus, "--num-cpus")
+    study = load_study_config(args.config)
+    from roli_sweep.study import StudyState, parse_filters
+
+    filters = parse_filters(args.only)
+    state = StudyState(args.out / study.name)
+    from roli_sweep.study import RunKey, run_study
+    from roli_sweep.tracking import StudyRecorder
+
+    recorder = StudyRecorder(args.tracking_uri, study.name, args.config, args.config.read_text())
+    if not args.report_only:
+        def on_run(key: RunKey, record: dict) -> None:
+            cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
+            labels = {"backbone": key.backbone, "target": key.target, "lr": f"{key.lr:.3g}"}
+            recorder.log_run(key.id, labels, cfg, record)
+            m = record.get("metrics", {})
+            line = (f"val robust {m['val_robust_acc']:.3f}, test clean {m['test_clean_acc']:.3f} "
+                    f"robust {m['test_robust_acc']:.3f}, {record['seconds']:.0f} s"
+                    if record["status"] == "completed" else "[red]failed[/]")
+            console.print(f"{key.id}: {line}", highlight=False)
+
+        def on_probe(key, record: dict) -> None:
+            m = record.get("metrics", {})
+            line = (f"probe test clean {m['probe_test_clean_acc']:.3f} robust {m['probe_test_robust_acc']:.3f}"
+                    if record["status"] == "completed" else f"[red]probe failed[/]\n{record['error']}")
+            console.print(f"probe {key.id}: {line}", highlight=False)
+
+        progress = run_study(study, state, filters, on_run, on_probe, num_cpus=args.num_cpus, address=args.address)
+        console.print(f"study {study.name}: {progress.probes_run} probes, {progress.runs_completed} runs completed, "
+                      f"{progress.runs_failed} failed in {progress.seconds:.0f} s")
+    from roli_sweep.study_report import write_report
+
+    report = write_report(study, state)
+    recorder.finish(report.folder, report.summary)
+    console.print(f"report: {report.folder / 'RESULTS.md'} (also in MLflow, experiment {study.name!r}, "
+                  f"parent run {recorder.parent_run_id})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``run_sweep.py``; returns the exit status (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "sweep")
     args = _parser().parse_args(argv)
-    handler = {"sweep": cmd_sweep, "train": cmd_train, "export": cmd_export, "pretrain": cmd_pretrain}[args.command]
+    handler = {"sweep": cmd_sweep, "train": cmd_train, "export": cmd_export, "pretrain": cmd_pretrain,
+               "study": cmd_study}[args.command]
     try:
         return handler(args)
     except (ConfigError, FileNotFoundError) as err:

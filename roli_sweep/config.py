@@ -385,6 +385,62 @@ class SearchSpace(_Strict):
         return apply_overrides(self.base, sampled)
 
 
+class StudyMethod(_Strict):
+    """One transfer method of a study: its parameters and the finetuning learning rates to try."""
+
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's method_params")
+    lrs: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1, description="peak finetuning lr grid")
+
+
+class StudyConfig(_Strict):
+    """A grid study of the paper's findings F1-F3: source backbones x methods x {RanLI, RoLI} x targets.
+
+    Every cell (backbone, target, method, head_init) tries each lr of its method's grid with the
+    ``selection_seed`` and keeps the one with the best val robust accuracy; the other seeds then run
+    at that lr and at the lr matched between RoLI and RanLI (best mean val robust over both).
+    """
+
+    name: str = Field(description="study name: the MLflow experiment and the state folder's name")
+    base: TrialConfig = Field(description="what every run shares: threat model, probe, epochs, eval sizes")
+    backbones: dict[str, str] = Field(min_length=1, description="label -> weights (a file or shipped:<name>)")
+    targets: dict[str, DataConfig] = Field(min_length=1, description="label -> target dataset")
+    methods: dict[str, StudyMethod] = Field(min_length=1, description="method name -> params and lr grid")
+    head_inits: list[Literal["random", "roli"]] = Field(["random", "roli"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="the first one also selects the lr")
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: PositiveInt = 2
+
+    @field_validator("backbones", "targets", "methods")
+    @classmethod
+    def _labels(cls, mapping: dict[str, Any]) -> dict[str, Any]:
+        import re
+
+        for label in mapping:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", label):
+                raise ValueError(f"label {label!r} not allowed: letters, digits, '_' and '.' only")
+        return mapping
+
+    @model_validator(mode="after")
+    def _every_run_valid(self) -> StudyConfig:
+        for backbone in self.backbones:
+            for target in self.targets:
+                for method in self.methods:
+                    self.run_config(backbone, target, method, self.head_inits[0], self.methods[method].lrs[0],
+                                    self.seeds[0])
+        return self
+
+    def run_config(self, backbone: str, target: str, method: str, head_init: str, lr: float, seed: int) -> TrialConfig:
+        """The complete trial config of one run of the grid.
+
+        Raises:
+            ConfigError: the combination does not validate (e.g. a method parameter it does not take).
+        """
+        return apply_overrides(self.base, {
+            "seed": seed, "data": self.targets[target].model_dump(), "backbone.weights": self.backbones[backbone],
+            "finetune.method": method, "finetune.method_params": self.methods[method].params,
+            "finetune.head_init": head_init, "finetune.lr": lr})
+
+
 def apply_overrides(base: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
     """Return ``base`` with ``{dotted.path: value}`` overrides applied and the result validated.
 
@@ -479,6 +535,22 @@ def load_pretrain_config(path: str | Path) -> PretrainConfig:
         ConfigError: missing file, invalid YAML, or any invalid key (all named in the message).
     """
     return _load(PretrainConfig, path)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML (every backbone x target x method combination is checked).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or any invalid key (all named in the message).
+    """
+    tree = _read_yaml(path)
+    tree.setdefault("name", Path(path).stem)
+    try:
+        return StudyConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{path}:\n{_describe(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}:\n{err}") from None
 
 
 def load_search_space(path: str | Path) -> SearchSpace:

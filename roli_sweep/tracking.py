@@ -43,11 +43,16 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
-def describe_trial_run(client: MlflowClient, run_id: str, cfg: TrialConfig) -> None:
-    """Log a trial config to a run: flattened params, method / head_init / seed tags, the YAML artifact."""
+def describe_trial_run(client: MlflowClient, run_id: str, cfg: TrialConfig,
+                       provenance: dict[str, str] | None = None) -> None:
+    """Log a trial config to a run: flattened params, method / head_init / seed tags, the YAML artifact.
+
+    ``provenance`` (from :func:`provenance_tags`) is read now when not given; a long study reads it
+    once at its start, so later commits to the checkout do not relabel its runs.
+    """
     params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
     tags = {"method": cfg.finetune.method, "head_init": cfg.finetune.head_init, "seed": str(cfg.seed),
-            **provenance_tags()}
+            **(provenance or provenance_tags())}
     for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=params[start:start + 100])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -182,3 +187,52 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, errored=True)
+
+
+class StudyRecorder:
+    """MLflow layout of a study: one parent run (tag ``study``), one child run per finished grid run.
+
+    On a resumed study the parent run is found again by its tags and runs already logged (tag
+    ``run_key``) are not logged twice.
+    """
+
+    def __init__(self, tracking_uri: str, study: str, config_path: Path, config_text: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.provenance = provenance_tags()
+        self.experiment = experiment_id(self.client, study)
+        found = self.client.search_runs([self.experiment], filter_string=f"tags.{ROLE_TAG} = 'study_parent'")
+        if found:
+            self.parent_run_id = found[0].info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment, run_name=study, tags={
+                "study": study, ROLE_TAG: "study_parent", "config_file": str(config_path), **self.provenance})
+            self.parent_run_id = run.info.run_id
+            self.client.log_text(self.parent_run_id, config_text, "study_config.yaml")
+        children = self.client.search_runs([self.experiment], filter_string=f"tags.{ROLE_TAG} = 'study_run'",
+                                           max_results=50000)
+        self.logged = {r.data.tags.get("run_key") for r in children}
+
+    def log_run(self, run_key: str, labels: dict[str, str], cfg: TrialConfig, record: dict[str, Any]) -> None:
+        """One child run: the resolved config as params, the run's metrics, labels and status as tags."""
+        if run_key in self.logged:
+            return
+        run = self.client.create_run(self.experiment, run_name=run_key, tags={
+            "mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "study_run", "run_key": run_key,
+            "status": record["status"], **labels})
+        describe_trial_run(self.client, run.info.run_id, cfg, self.provenance)
+        now = int(time.time() * 1000)
+        metrics = {**record.get("metrics", {}), "run_seconds": record.get("seconds", 0.0)}
+        self.client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        if record["status"] == "failed":
+            self.client.log_text(run.info.run_id, record.get("error", ""), "error.txt")
+        self.client.set_terminated(run.info.run_id, "FINISHED" if record["status"] == "completed" else "FAILED")
+        self.logged.add(run_key)
+
+    def finish(self, report_dir: Path | None, summary: dict[str, float]) -> None:
+        """Log the report folder (markdown table, PNG plots) and summary metrics to the parent run."""
+        if report_dir is not None:
+            self.client.log_artifacts(self.parent_run_id, str(report_dir), "report")
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        self.client.set_terminated(self.parent_run_id, "FINISHED")

@@ -13,13 +13,17 @@ nothing of Ray: it calls the ``on_epoch`` callable it is given.
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
@@ -104,10 +108,28 @@ class Prepared:
 
 @dataclass
 class ProbeOutcome:
-    """Stage 1's result: the head of its best robust epoch, and that epoch's val accuracies."""
+    """Stage 1's result: the head of its best robust epoch, and that epoch's val accuracies.
+
+    It depends only on the data, backbone, probe, attack and eval settings and the seed, not on the
+    finetuning settings, so a study computes it once and hands it to many trials (:func:`run_trial`).
+    """
 
     head: dict[str, torch.Tensor]
     metrics: dict[str, float]
+
+    def save(self, path: Path) -> None:
+        """Write the head as safetensors with the metrics in its metadata."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.items()}, str(path),
+                  metadata={"metrics": json.dumps(self.metrics)})
+
+    @classmethod
+    def load(cls, path: Path) -> ProbeOutcome:
+        """Read what :meth:`save` wrote."""
+        with safe_open(str(path), framework="pt") as f:
+            head = {k: f.get_tensor(k) for k in f.keys()}
+            metrics = json.loads(f.metadata()["metrics"])
+        return cls(head, metrics)
 
 
 def prepare(cfg: TrialConfig) -> Prepared:
@@ -134,12 +156,29 @@ def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutco
                                "probe_val_robust_acc": probe.best["val_robust_acc"]})
 
 
+def probe_and_test(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> ProbeOutcome:
+    """Stage 1 alone, with the probe's own test accuracies added to its metrics.
+
+    The adversarially probed linear head is a transfer result in its own right (paper, F2): its
+    ``probe_test_clean_acc`` and ``probe_test_robust_acc`` (PGD-``eval.test_steps``, fp32) come
+    from the test split, its model selection from validation.
+    """
+    prep = prepare(cfg)
+    probe = run_probe(cfg, prep, on_epoch or (lambda stage, metrics: None))
+    test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
+                              device=prep.runtime.device)
+    clean, robust = evaluate(prep.model, test_loader, evaluation_attack(cfg.attack, cfg.eval), cfg.eval.test_steps,
+                             prep.runtime.for_test(cfg.seed + 2))
+    probe.metrics.update({"probe_test_clean_acc": clean, "probe_test_robust_acc": robust})
+    return probe
+
+
 def init_finetune_head(cfg: TrialConfig, prep: Prepared, probe: ProbeOutcome) -> None:
     """Set the stage-2 head: the probe's (``roli``) or the probe's own random start (``random``, RanLI)."""
     prep.model.head.load_state_dict(probe.head if cfg.finetune.head_init == "roli" else prep.initial_head)
 
 
-def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
+def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOutcome | None = None) -> TrialResult:
     """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
 
     Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
@@ -147,7 +186,9 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
     ``on_epoch("finetune", m)``, each carrying the probe's best ``probe_val_clean_acc`` /
     ``probe_val_robust_acc``; the last one also carries ``test_clean_acc`` and ``test_robust_acc``
     (PGD-``eval.test_steps``) of the restored best epoch, ``best_epoch`` and ``trial_seconds``.
-    Probe epochs go to ``on_epoch("probe", m)``.
+    Probe epochs go to ``on_epoch("probe", m)``. A ``probe`` computed earlier for the same data,
+    backbone, probe and attack settings and seed replaces stage 1. Stage 2 starts from RNGs reseeded
+    with ``seed + 1`` either way, so both give the same result.
 
     Raises:
         ValueError / FileNotFoundError: data or weights that cannot be loaded, or a transfer method
@@ -162,7 +203,12 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None) -> TrialResult:
             on_epoch(stage, metrics)
 
     prep = prepare(cfg)
-    probe = run_probe(cfg, prep, record)
+    if probe is None:
+        probe = run_probe(cfg, prep, record)
+    else:
+        freeze_all_but_head(prep.model)
+    seed_everything(cfg.seed + 1)  # stage 2 does not depend on whether stage 1 ran here
+    prep.runtime.generator.manual_seed(cfg.seed + 1)
     init_finetune_head(cfg, prep, probe)
     apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
     prep.model.to(prep.runtime.device)

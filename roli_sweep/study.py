@@ -1,0 +1,274 @@
+"""``run_sweep.py study``: a grid study of the paper's findings F1-F3, resumable and runnable in parts.
+
+The grid is source backbones x transfer methods x {RanLI, RoLI} x targets (a :class:`StudyConfig`).
+Each cell (backbone, target, method, head_init) picks its finetuning learning rate on validation:
+every lr of the method's grid runs with the first seed, and the lr with the best val robust
+accuracy wins. The other seeds then run at each init's own best lr and at the *matched* lr (the
+grid lr with the best val robust accuracy averaged over RoLI and RanLI), so RoLI - RanLI can be
+read both ways (the paper tunes each init separately; at small scale the lr decides much of the
+difference). Test accuracies are never used for any choice.
+
+Stage 1 (the adversarial linear probe) depends only on backbone, target and seed, so it runs once
+per (backbone, target, seed) and is shared by every finetuning run, which starts from RNGs reseeded
+the same way whether or not it computed the probe itself (:func:`roli_sweep.trial.run_trial`).
+
+State lives in a folder (``<out>/<study name>/``): ``probes/<id>.safetensors`` and
+``runs/<id>.json``, written as each job ends, so an interrupted study continues where it stopped
+and ``--only key=value`` filters run it in parts. Jobs run as Ray tasks (one CPU or GPU share
+each); every finished run also becomes an MLflow child run of the study's parent run.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from roli_sweep.config import ConfigError, StudyConfig, TrialConfig
+
+FILTER_KEYS = ("backbone", "target", "method", "head_init", "seed")
+
+
+@dataclass(frozen=True)
+class ProbeKey:
+    """One stage-1 probe: shared by every run with this backbone, target and seed."""
+
+    backbone: str
+    target: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.backbone}-{self.target}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One probe-then-finetune run of the grid."""
+
+    backbone: str
+    target: str
+    method: str
+    head_init: str
+    lr: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.backbone}-{self.target}-{self.method}-{self.head_init}-lr{self.lr:.3g}-s{self.seed}"
+
+    @property
+    def probe(self) -> ProbeKey:
+        return ProbeKey(self.backbone, self.target, self.seed)
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return self.backbone, self.target, self.method
+
+
+def parse_filters(items: Iterable[str]) -> dict[str, set[str]]:
+    """``["backbone=robust", "method=lora,full"]`` -> ``{"backbone": {"robust"}, "method": {"lora", "full"}}``.
+
+    Raises:
+        ConfigError: an item without ``=`` or with a key outside :data:`FILTER_KEYS`.
+    """
+    filters: dict[str, set[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or key not in FILTER_KEYS or not values:
+            raise ConfigError(f"--only: value {item!r} not allowed: write key=value[,value] with key one of "
+                              f"{list(FILTER_KEYS)}")
+        filters.setdefault(key, set()).update(values.split(","))
+    return filters
+
+
+def _selected(key: ProbeKey | RunKey, filters: dict[str, set[str]]) -> bool:
+    fields = asdict(key)
+    return all(str(fields[k]) in allowed for k, allowed in filters.items() if k in fields)
+
+
+class StudyState:
+    """The study's folder: finished probes and runs, read back on every resume."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        (folder / "probes").mkdir(parents=True, exist_ok=True)
+        (folder / "runs").mkdir(parents=True, exist_ok=True)
+
+    def probe_path(self, key: ProbeKey) -> Path:
+        return self.folder / "probes" / f"{key.id}.safetensors"
+
+    def has_probe(self, key: ProbeKey) -> bool:
+        return self.probe_path(key).is_file()
+
+    def run_path(self, key: RunKey) -> Path:
+        return self.folder / "runs" / f"{key.id}.json"
+
+    def result(self, key: RunKey) -> dict[str, Any] | None:
+        """The saved record of a run (``status`` completed or failed), or None if it never finished."""
+        path = self.run_path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_result(self, key: RunKey, record: dict[str, Any]) -> None:
+        tmp = self.run_path(key).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": asdict(key), **record}, indent=1))
+        tmp.replace(self.run_path(key))  # atomic: a killed study never leaves half a record
+
+    def completed(self, key: RunKey) -> dict[str, float] | None:
+        record = self.result(key)
+        return record["metrics"] if record and record["status"] == "completed" else None
+
+
+def selection_runs(study: StudyConfig) -> list[RunKey]:
+    """Every lr of every cell with the first seed: the runs that choose the learning rates."""
+    seed = study.seeds[0]
+    return [RunKey(b, t, m, init, lr, seed) for b in study.backbones for t in study.targets
+            for m, spec in study.methods.items() for init in study.head_inits for lr in spec.lrs]
+
+
+@dataclass
+class LrChoice:
+    """The learning rates chosen for one (backbone, target, method) on validation."""
+
+    own: dict[str, float]  # head_init -> its best lr
+    matched: float  # the lr best on average over the head inits
+
+
+def choose_lrs(study: StudyConfig, state: StudyState, group: tuple[str, str, str]) -> LrChoice | None:
+    """Pick the lrs of one group from its selection runs' val robust accuracy; None until all have finished.
+
+    Failed selection runs count as val robust accuracy -1 (never chosen unless all failed).
+    """
+    backbone, target, method = group
+    seed = study.seeds[0]
+    scores: dict[str, dict[float, float]] = {}
+    for init in study.head_inits:
+        for lr in study.methods[method].lrs:
+            record = state.result(RunKey(backbone, target, method, init, lr, seed))
+            if record is None:
+                return None
+            metrics = record.get("metrics") or {}
+            scores.setdefault(init, {})[lr] = metrics.get("val_robust_acc", -1.0)
+    own = {init: max(by_lr, key=by_lr.get) for init, by_lr in scores.items()}
+    lrs = study.methods[method].lrs
+    matched = max(lrs, key=lambda lr: statistics.fmean(scores[init][lr] for init in study.head_inits))
+    return LrChoice(own, matched)
+
+
+def seed_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
+    """The remaining seeds' runs of every group whose lrs are chosen: own best lr and matched lr per init."""
+    runs: list[RunKey] = []
+    for b in study.backbones:
+        for t in study.targets:
+            for m in study.methods:
+                choice = choose_lrs(study, state, (b, t, m))
+                if choice is None:
+                    continue
+                for init in study.head_inits:
+                    for lr in sorted({choice.own[init], choice.matched}):
+                        runs.extend(RunKey(b, t, m, init, lr, s) for s in study.seeds[1:])
+    return runs
+
+
+def _probe_job(cfg_json: dict[str, Any], path: str) -> dict[str, Any]:
+    from roli_sweep.trial import probe_and_test
+
+    try:
+        probe = probe_and_test(TrialConfig.model_validate(cfg_json))
+    except Exception:  # noqa: BLE001 - reported; its runs are skipped in this invocation
+        return {"status": "failed", "error": traceback.format_exc(limit=5)}
+    probe.save(Path(path))
+    return {"status": "completed", "metrics": probe.metrics}
+
+
+def _run_job(cfg_json: dict[str, Any], probe_path: str) -> dict[str, Any]:
+    from roli_sweep.trial import ProbeOutcome, run_trial
+
+    started = time.perf_counter()
+    try:
+        result = run_trial(TrialConfig.model_validate(cfg_json), probe=ProbeOutcome.load(Path(probe_path)))
+    except Exception:  # noqa: BLE001 - a failed run is recorded and the study goes on
+        return {"status": "failed", "error": traceback.format_exc(limit=5), "seconds": time.perf_counter() - started}
+    return {"status": "completed", "metrics": result.metrics, "seconds": time.perf_counter() - started}
+
+
+@dataclass
+class StudyProgress:
+    """What one invocation did."""
+
+    probes_run: int = 0
+    runs_completed: int = 0
+    runs_failed: int = 0
+    seconds: float = 0.0
+
+
+def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]],
+              on_run: Callable[[RunKey, dict[str, Any]], None], on_probe: Callable[[ProbeKey, dict[str, Any]], None],
+              num_cpus: int | None = None, address: str | None = None) -> StudyProgress:
+    """Run every selected probe and run that has no completed record yet (failed runs are retried).
+
+    Work is handed to Ray ``max_concurrent`` jobs at a time, probes first; seed runs of a group are
+    added as soon as its selection runs have chosen the lrs. A failed probe skips its runs for the
+    rest of this invocation (the next one tries it again). ``on_run`` / ``on_probe`` are called in
+    this process as each job ends (logging to MLflow, printing).
+    """
+    import ray
+
+    started = time.perf_counter()
+    progress = StudyProgress()
+    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+             ignore_reinit_error=True, log_to_driver=False)
+    opts = {"num_cpus": study.resources.cpu, "num_gpus": study.resources.gpu, "max_retries": 0}
+    probe_task = ray.remote(_probe_job).options(**opts)
+    run_task = ray.remote(_run_job).options(**opts)
+    in_flight: dict[Any, ProbeKey | RunKey] = {}
+    failed_probes: set[ProbeKey] = set()
+
+    def pending() -> list[ProbeKey | RunKey]:
+        runs = [k for k in selection_runs(study) + seed_runs(study, state)
+                if _selected(k, filters) and state.completed(k) is None and k.probe not in failed_probes]
+        probes = sorted({k.probe for k in runs if not state.has_probe(k.probe)}, key=lambda p: p.id)
+        ready = [k for k in runs if state.has_probe(k.probe)]
+        busy = set(in_flight.values())
+        return [k for k in probes + ready if k not in busy]
+
+    try:
+        while True:
+            todo = pending()
+            while todo and len(in_flight) < study.max_concurrent:
+                key = todo.pop(0)
+                if isinstance(key, ProbeKey):
+                    cfg = study.run_config(key.backbone, key.target, next(iter(study.methods)), study.head_inits[0],
+                                           study.base.finetune.lr, key.seed)
+                    ref = probe_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key)))
+                else:
+                    cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
+                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key.probe)))
+                in_flight[ref] = key
+            if not in_flight:
+                break
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            key = in_flight.pop(done[0])
+            if isinstance(key, ProbeKey):
+                record = ray.get(done[0])
+                if record["status"] == "failed":
+                    failed_probes.add(key)
+                on_probe(key, record)
+                progress.probes_run += 1
+                continue
+            record = ray.get(done[0])
+            state.save_result(key, record)
+            on_run(key, record)
+            if record["status"] == "completed":
+                progress.runs_completed += 1
+            else:
+                progress.runs_failed += 1
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        ray.shutdown()
+    progress.seconds = time.perf_counter() - started
+    return progress
