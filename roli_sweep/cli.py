@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, required=True, help="trial config YAML (e.g. an exported one)")
     train.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     train.add_argument("--experiment", default="roli_sweep-train", help="MLflow experiment")
+    train.add_argument("--seeds", type=int, default=1, help="rerun with this many seeds (seed, seed+1, ...): mean ± std")
+    train.add_argument("--paired", action="store_true", help="run RoLI and RanLI per seed: paired difference")
+    train.add_argument("--skip-final-eval", action="store_true",
+                       help="no AutoAttack / PGD-restarts final evaluation and masking checks")
 
     export = sub.add_parser("export", help="write the best trials of a sweep as trial-config YAML files")
     export.add_argument("--name", required=True, help="sweep name")
@@ -121,6 +125,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for row in outcome.pareto_front():
             front.add_row(row.trial_id, *_sampled(row, space), _fmt(row.val_clean_acc), _fmt(row.val_robust_acc))
         console.print(front)
+    finals = [r for r in sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1)) if r.final]
+    if finals:
+        threat = next((r.final["params"] for r in finals if "params" in r.final), {})
+        final_table = Table(title="final evaluation of the best trials (test): " + ", ".join(
+            f"{k.removeprefix('final_eval.')} {v}" for k, v in threat.items()))
+        for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
+            final_table.add_column(column, justify="right")
+        for row in finals:
+            if "error" in row.final:
+                final_table.add_row(row.trial_id, "[red]failed[/]", "", "", row.final["error"])
+                continue
+            m, checks = row.final["metrics"], row.final["checks"]
+            warned = [name for name, status, _ in checks if status != "pass"]
+            final_table.add_row(row.trial_id, _fmt(m["test_clean_acc"]), _fmt(m["test_pgd_acc"]),
+                                _fmt(m.get("test_autoattack_acc")),
+                                "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
+        console.print(final_table)
+        for row in finals:
+            for name, status, detail in row.final.get("checks", []):
+                if status != "pass":
+                    console.print(f"[bold red]trial {row.trial_id} masking check {name}: warning[/] ({detail})",
+                                  highlight=False)
     for row in outcome.rows:
         if row.error:
             console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}")
@@ -134,10 +160,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _positive(args.seeds, "--seeds")
     cfg = load_trial_config(args.config)
-    from roli_sweep.single_run import train_logged
+    from roli_sweep.single_run import train_logged, train_seeds
 
-    metrics = train_logged(cfg, args.config, args.tracking_uri, args.experiment, console)
+    if args.seeds > 1 or args.paired:
+        train_seeds(cfg, args.config, args.seeds, args.paired, args.tracking_uri, args.experiment, console,
+                    not args.skip_final_eval)
+        return 0
+    metrics = train_logged(cfg, args.config, args.tracking_uri, args.experiment, console, not args.skip_final_eval)
     console.print({k: round(v, 4) for k, v in metrics.items()})
     return 0
 

@@ -150,6 +150,31 @@ class AttackConfig(_Strict):
     random_start: bool = Field(True, description="start from a uniform point in the eps ball")
 
 
+class MaskingConfig(_Strict):
+    """Gradient-masking checks run with every final evaluation (roli_sweep.masking)."""
+
+    n_examples: PositiveInt = Field(128, description="test examples the checks attack (the first ones)")
+    pgd_steps: PositiveInt = Field(20, description="PGD steps of the eps sweep (step 2.5 * eps / steps)")
+    more_steps: PositiveInt = Field(100, description="PGD steps of the more-steps check")
+    eps_factors: list[Annotated[float, Field(gt=0.0)]] = Field([0.5, 1.0, 2.0, 4.0], description="eps sweep, in multiples of eps")
+    large_eps: PixelFraction = Field(0.5, description="an eps at which robust accuracy must be ~0")
+    large_eps_max_acc: float = Field(0.05, ge=0.0, le=1.0, description="the most accuracy allowed at large_eps")
+    square_queries: PositiveInt = Field(1000, description="queries of the black-box Square attack")
+    tolerance: float = Field(0.01, ge=0.0, le=1.0, description="noise allowance: a fraction of the checked examples (at least one)")
+
+
+class FinalEvalConfig(_Strict):
+    """The reported test evaluation (roli_sweep.final_eval): clean, PGD with restarts, standard AutoAttack."""
+
+    n_examples: PositiveInt | None = Field(None, description="evaluate the first n test examples; None = the full test split")
+    pgd_steps: PositiveInt = 20
+    pgd_step_size: PixelFraction | None = Field(None, description="None = 2.5 * eps / pgd_steps")
+    pgd_restarts: PositiveInt = Field(5, description="random restarts; an example is robust only if it survives all")
+    autoattack: bool = Field(True, description="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks")
+    batch_size: PositiveInt = 128
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+
+
 class EvalConfig(_Strict):
     """Evaluation attacks: PGD-10 on validation (paper, Sec. 5.1), PGD-20 on test, by default at the training eps."""
 
@@ -161,6 +186,8 @@ class EvalConfig(_Strict):
     val_steps: PositiveInt = Field(10, description="PGD steps for validation robust accuracy (model selection, ASHA)")
     test_steps: PositiveInt = Field(20, description="PGD steps for test robust accuracy")
     batch_size: PositiveInt = Field(256, description="evaluation batch size")
+    final: FinalEvalConfig = Field(default_factory=FinalEvalConfig, description="the reported test evaluation of the "
+                                   "best trials (after a sweep, and in train)")
 
 
 def evaluation_attack(attack: AttackConfig, evaluation: EvalConfig) -> AttackConfig:
@@ -353,6 +380,8 @@ class SearchSpace(_Strict):
     seed: int = Field(0, description="seeds the Optuna TPE sampler")
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    final_top_k: int = Field(1, ge=0, description="after the sweep, the best k completed trials by val robust "
+                             "accuracy get the final evaluation (base.eval.final) and masking checks; 0 = none")
     base: TrialConfig
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
 

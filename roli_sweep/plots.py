@@ -34,3 +34,112 @@ def plot_pareto(trials: Sequence[ScoredTrial], front: Sequence[ScoredTrial], pat
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates, sorted by the first."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+BACKBONE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+INIT_MARKERS = {"random": "o", "roli": "^"}
+
+
+def plot_clean_vs_robust(cells, probes, path: Path) -> Path:
+    """Study plot: test clean vs robust accuracy (mean over seeds) of every cell at its own lr, one panel per
+    target, with the Pareto front of each panel and the stage-1 probes as stars; writes a PNG."""
+    targets = sorted({c.target for c in cells})
+    backbones = sorted({c.backbone for c in cells})
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.8), dpi=120, squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        points = []
+        for c in (c for c in cells if c.target == target):
+            color = BACKBONE_COLORS[backbones.index(c.backbone) % len(BACKBONE_COLORS)]
+            for init, stats in c.own.items():
+                if not stats["test_robust_acc"].n:
+                    continue
+                xy = (stats["test_clean_acc"].mean, stats["test_robust_acc"].mean)
+                points.append(xy)
+                ax.scatter(*xy, color=color, marker=INIT_MARKERS[init], s=36)
+                ax.annotate(c.method, xy, textcoords="offset points", xytext=(3, 3), fontsize=6)
+        for backbone in backbones:
+            stat = probes.get((backbone, target))
+            if stat and stat["test_robust_acc"].n:
+                xy = (stat["test_clean_acc"].mean, stat["test_robust_acc"].mean)
+                points.append(xy)
+                ax.scatter(*xy, color=BACKBONE_COLORS[backbones.index(backbone) % len(BACKBONE_COLORS)],
+                           marker="*", s=120, edgecolor="black")
+        front = _pareto(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:red", lw=1, label="Pareto front")
+        for i, backbone in enumerate(backbones):
+            ax.scatter([], [], color=BACKBONE_COLORS[i % len(BACKBONE_COLORS)], label=f"{backbone} backbone")
+        for init, marker in INIT_MARKERS.items():
+            ax.scatter([], [], color="0.4", marker=marker, label="RoLI" if init == "roli" else "RanLI")
+        ax.scatter([], [], color="0.4", marker="*", s=120, label="linear probe (stage 1)")
+        ax.set_xlabel("test clean accuracy")
+        ax.set_ylabel("test robust accuracy (PGD)")
+        ax.set_title(f"{target}: mean over seeds, own best lr", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_paired_differences(cells, path: Path) -> Path:
+    """Study plot: paired RoLI - RanLI test robust accuracy (points, mean +- std over seeds) per method, at
+    each init's own lr and at the matched lr, one panel per (backbone, target); writes a PNG."""
+    panels = sorted({(c.backbone, c.target) for c in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=120, squeeze=False, sharey=True)
+    for ax, (backbone, target) in zip(axes[0], panels):
+        chosen = [c for c in cells if (c.backbone, c.target) == (backbone, target)]
+        xs = range(len(chosen))
+        for offset, attr, label, color in ((-0.18, "diff_own", "own lr", "tab:blue"),
+                                           (0.18, "diff_matched", "matched lr", "tab:green")):
+            stats = [getattr(c, attr)["test_robust_acc"] for c in chosen]
+            ax.bar([x + offset for x in xs], [100 * s.mean if s.n else 0 for s in stats], width=0.36,
+                   yerr=[100 * s.std for s in stats], color=color, label=label, capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(list(xs), [c.method for c in chosen], rotation=45, fontsize=7)
+        ax.set_title(f"{backbone} / {target}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("RoLI - RanLI test robust acc (points)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_backbone_comparison(cells, path: Path) -> Path:
+    """Study plot: test robust accuracy (mean +- std over seeds, own lr) per method for each backbone and
+    head init, one panel per target; writes a PNG."""
+    targets = sorted({c.target for c in cells})
+    backbones = sorted({c.backbone for c in cells})
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 3.8), dpi=120, squeeze=False, sharey=True)
+    series = [(b, i) for b in backbones for i in ("random", "roli")]
+    width = 0.8 / len(series)
+    for ax, target in zip(axes[0], targets):
+        methods = [c.method for c in cells if c.target == target and c.backbone == backbones[0]]
+        for k, (backbone, init) in enumerate(series):
+            stats = []
+            for method in methods:
+                match = [c for c in cells if (c.backbone, c.target, c.method) == (backbone, target, method)]
+                stats.append(match[0].own[init]["test_robust_acc"] if match else None)
+            ax.bar([x + (k - (len(series) - 1) / 2) * width for x in range(len(methods))],
+                   [100 * s.mean if s and s.n else 0 for s in stats], width=width,
+                   yerr=[100 * s.std if s else 0 for s in stats], capsize=2,
+                   color=BACKBONE_COLORS[backbones.index(backbone) % len(BACKBONE_COLORS)],
+                   alpha=0.55 if init == "random" else 1.0,
+                   label=f"{backbone}, {'RoLI' if init == 'roli' else 'RanLI'}")
+        ax.set_xticks(range(len(methods)), methods, fontsize=8)
+        ax.set_title(f"{target}: robust vs standard source backbone", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test robust accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

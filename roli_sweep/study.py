@@ -12,8 +12,8 @@ Stage 1 (the adversarial linear probe) depends only on backbone, target and seed
 per (backbone, target, seed) and is shared by every finetuning run, which starts from RNGs reseeded
 the same way whether or not it computed the probe itself (:func:`roli_sweep.trial.run_trial`).
 
-State lives in a folder (``<out>/<study name>/``): ``probes/<id>.safetensors`` and
-``runs/<id>.json``, written as each job ends, so an interrupted study continues where it stopped
+State lives in a folder (``<out>/<study name>/``): ``probes/<id>.safetensors``,
+``runs/<id>.json`` and ``models/<id>/`` (the tested state), written as each job ends, so an interrupted study continues where it stopped
 and ``--only key=value`` filters run it in parts. Jobs run as Ray tasks (one CPU or GPU share
 each); every finished run also becomes an MLflow child run of the study's parent run.
 """
@@ -104,6 +104,10 @@ class StudyState:
     def has_probe(self, key: ProbeKey) -> bool:
         return self.probe_path(key).is_file()
 
+    def model_dir(self, key: RunKey) -> Path:
+        """Where a run keeps its tested best-epoch state (for the final evaluation)."""
+        return self.folder / "models" / key.id
+
     def run_path(self, key: RunKey) -> Path:
         return self.folder / "runs" / f"{key.id}.json"
 
@@ -184,12 +188,13 @@ def _probe_job(cfg_json: dict[str, Any], path: str) -> dict[str, Any]:
     return {"status": "completed", "metrics": probe.metrics}
 
 
-def _run_job(cfg_json: dict[str, Any], probe_path: str) -> dict[str, Any]:
+def _run_job(cfg_json: dict[str, Any], probe_path: str, model_dir: str) -> dict[str, Any]:
     from roli_sweep.trial import ProbeOutcome, run_trial
 
     started = time.perf_counter()
     try:
-        result = run_trial(TrialConfig.model_validate(cfg_json), probe=ProbeOutcome.load(Path(probe_path)))
+        result = run_trial(TrialConfig.model_validate(cfg_json), probe=ProbeOutcome.load(Path(probe_path)),
+                           checkpoint_dir=Path(model_dir))
     except Exception:  # noqa: BLE001 - a failed run is recorded and the study goes on
         return {"status": "failed", "error": traceback.format_exc(limit=5), "seconds": time.perf_counter() - started}
     return {"status": "completed", "metrics": result.metrics, "seconds": time.perf_counter() - started}
@@ -246,7 +251,8 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
                     ref = probe_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key)))
                 else:
                     cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
-                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key.probe)))
+                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key.probe)),
+                                          str(state.model_dir(key)))
                 in_flight[ref] = key
             if not in_flight:
                 break

@@ -28,7 +28,13 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
 from roli_sweep.plots import plot_pareto  # noqa: E402
-from roli_sweep.tracking import MlflowTrialCallback, finish_parent_run, start_parent_run, trial_status  # noqa: E402
+from roli_sweep.tracking import (  # noqa: E402
+    MlflowTrialCallback,
+    finish_parent_run,
+    log_final_evaluations,
+    start_parent_run,
+    trial_status,
+)
 
 
 class ConsoleProgress(tune.Callback):
@@ -70,7 +76,29 @@ def run_tune_trial(config: dict[str, Any], base: dict[str, Any], threads: int) -
 
     torch.set_num_threads(threads)
     cfg = apply_overrides(TrialConfig.model_validate(base), config)
-    run_trial(cfg, on_epoch=lambda stage, metrics: tune.report(metrics) if stage == "finetune" else None)
+    with tempfile.TemporaryDirectory() as folder:
+        def on_epoch(stage: str, metrics: dict[str, float]) -> None:
+            if stage != "finetune":
+                return
+            last = "test_clean_acc" in metrics  # the best epoch's state was saved for the final evaluation
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if last else None)
+
+        run_trial(cfg, on_epoch=on_epoch, checkpoint_dir=Path(folder))
+
+
+def run_final_eval(cfg_json: dict[str, Any], checkpoint_dir: str, state_path: str, threads: int) -> dict[str, Any]:
+    """Ray task: rebuild a trial's tested model from its checkpoint, then final evaluation and masking checks."""
+    import torch
+
+    from roli_sweep.final_eval import evaluate_and_check
+    from roli_sweep.trial import BEST_STATE_FILE, load_trained
+
+    torch.set_num_threads(threads)
+    cfg = TrialConfig.model_validate(cfg_json)
+    model, splits, device = load_trained(cfg, Path(checkpoint_dir) / BEST_STATE_FILE)
+    report = evaluate_and_check(model, splits.test, cfg, splits.num_classes, device, Path(state_path))
+    return {"metrics": report.result.metrics(), "params": report.result.threat.params(),
+            "checks": [(c.name, c.status, c.detail) for c in report.checks]}
 
 
 @dataclass
@@ -86,6 +114,8 @@ class TrialRow:
     test_clean_acc: float | None
     test_robust_acc: float | None
     error: str | None = None
+    checkpoint: str | None = None
+    final: dict[str, Any] | None = None  # the final evaluation (top-k trials only)
 
 
 @dataclass
@@ -132,6 +162,7 @@ def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
             epochs=int(metrics.get("epoch", 0)), val_clean_acc=metrics.get("best_val_clean_acc"),
             val_robust_acc=metrics.get("best_val_robust_acc"), test_clean_acc=metrics.get("test_clean_acc"),
             test_robust_acc=metrics.get("test_robust_acc"),
+            checkpoint=result.checkpoint.path if result.checkpoint and status == "completed" else None,
             error=str(result.error).splitlines()[0][:200] if result.error else None))
     return rows
 
@@ -218,5 +249,30 @@ def run_sweep(
             png = Path(tmp) / "pareto_front.png"
             plot_pareto(outcome.completed(), outcome.pareto_front(), png, title=f"sweep {name}")
             client.log_artifact(parent_run_id, str(png))
+    final_evaluation(outcome, space, experiment_dir, base, threads)
+    log_final_evaluations(client, space.name, name, parent_run_id, [(r.trial_id, r.final) for r in rows if r.final])
     finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None)
     return outcome
+
+
+def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: Path, base: dict[str, Any],
+                     threads: int) -> None:
+    """Final evaluation (clean, PGD with restarts, AutoAttack) and masking checks of the top
+    ``space.final_top_k`` completed trials by val robust accuracy, as Ray tasks with the trials' resources.
+
+    Per-batch progress is kept in ``<experiment_dir>/final_eval/<trial_id>.json``, so a resumed sweep
+    continues an interrupted AutoAttack run. A failed evaluation is recorded in the row, not raised.
+    """
+    ranked = sorted((r for r in outcome.completed() if r.checkpoint), key=lambda r: -r.val_robust_acc)
+    task = ray.remote(run_final_eval).options(num_cpus=space.resources.cpu, num_gpus=space.resources.gpu,
+                                              max_retries=0)
+    refs = {}
+    for row in ranked[:space.final_top_k]:
+        cfg = apply_overrides(TrialConfig.model_validate(base), row.sampled)
+        state = experiment_dir / "final_eval" / f"{row.trial_id}.json"
+        refs[row.trial_id] = task.remote(cfg.model_dump(mode="json"), row.checkpoint, str(state), threads)
+    for row in ranked[:space.final_top_k]:
+        try:
+            row.final = ray.get(refs[row.trial_id])
+        except Exception as err:  # noqa: BLE001 - reported with the trial, the sweep's results stay
+            row.final = {"error": str(err).splitlines()[0][:300]}

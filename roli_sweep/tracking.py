@@ -115,6 +115,45 @@ def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] 
     client.set_terminated(run_id, "FINISHED")
 
 
+def final_eval_record(run_id: str, client: MlflowClient, final: dict[str, Any]) -> None:
+    """Log one final evaluation to a run: accuracies as metrics, the threat model as params, and the masking
+    checks as tags ``masking`` (pass / warning), ``masking.<check>`` and ``masking.<check>.detail``."""
+    now = int(time.time() * 1000)
+    if "error" in final:
+        client.set_tag(run_id, "final_eval", f"failed: {final['error']}"[:5000])
+        return
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final["metrics"].items()],
+                     params=[Param(k, v) for k, v in final["params"].items()])
+    statuses = [status for _, status, _ in final["checks"]]
+    tags = {"final_eval": "done", "masking": "pass" if all(s == "pass" for s in statuses) else "warning"}
+    for name, status, detail in final["checks"]:
+        tags[f"masking.{name}"] = status
+        tags[f"masking.{name}.detail"] = detail[:5000]
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, parent_run_id: str,
+                          finals: list[tuple[str, dict[str, Any]]]) -> None:
+    """Log each top-k trial's final evaluation to its child run, and a summary table to the parent run."""
+    exp = experiment_id(client, experiment)
+    lines = ["| trial | clean | PGD | AutoAttack | masking |", "|---|---|---|---|---|"]
+    for rank, (trial_id, final) in enumerate(finals):
+        found = client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and tags.sweep = '{sweep}'")
+        if found:
+            final_eval_record(found[0].info.run_id, client, final)
+        if "error" in final:
+            lines.append(f"| {trial_id} | failed: {final['error']} | | | |")
+            continue
+        m = final["metrics"]
+        masking = "pass" if all(s == "pass" for _, s, _ in final["checks"]) else "warning"
+        lines.append(f"| {trial_id} | {m['test_clean_acc']:.4f} | {m['test_pgd_acc']:.4f} | "
+                     f"{m.get('test_autoattack_acc', float('nan')):.4f} | {masking} |")
+        if rank == 0:
+            final_eval_record(parent_run_id, client, {**final, "metrics": {f"best_final_{k}": v for k, v in m.items()}})
+    if finals:
+        client.log_text(parent_run_id, "\n".join(lines) + "\n", "final_evaluation.md")
+
+
 class MlflowTrialCallback(Callback):
     """Ray Tune callback: one MLflow child run per trial under the sweep's parent run.
 

@@ -42,6 +42,10 @@ class TrialResult:
 
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = None
+    """The model at its best val robust epoch (what was tested), in eval mode."""
+    test_set: torch.utils.data.Dataset | None = None
+    num_classes: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -178,7 +182,38 @@ def init_finetune_head(cfg: TrialConfig, prep: Prepared, probe: ProbeOutcome) ->
     prep.model.head.load_state_dict(probe.head if cfg.finetune.head_init == "roli" else prep.initial_head)
 
 
-def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOutcome | None = None) -> TrialResult:
+BEST_STATE_FILE = "best_state.safetensors"
+
+
+def save_trained_state(model: nn.Module, folder: Path) -> Path:
+    """Write the trainable parameters and buffers of ``model`` (the head, the method's parameters) as
+    ``folder/best_state.safetensors``; the frozen rest comes back from the pretrained weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v.detach().cpu().contiguous() for k, v in _state_of(model, trainable).items()}
+    save_file(state, str(folder / BEST_STATE_FILE))
+    return folder / BEST_STATE_FILE
+
+
+def load_trained(cfg: TrialConfig, state_file: Path) -> tuple[nn.Module, DataSplits, torch.device]:
+    """Rebuild the model a trial tested: backbone with its pretrained weights, the method, then the saved state.
+
+    Raises:
+        RuntimeError: the saved state does not fit the model built from ``cfg``.
+    """
+    prep = prepare(cfg)
+    apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
+    prep.model.to(prep.runtime.device)
+    with safe_open(str(state_file), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    result = prep.model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{state_file} does not fit the model of this config: {result.unexpected_keys[:5]}")
+    return prep.model.eval(), prep.splits, prep.runtime.device
+
+
+def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOutcome | None = None,
+              checkpoint_dir: Path | None = None) -> TrialResult:
     """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
 
     Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
@@ -188,7 +223,8 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     (PGD-``eval.test_steps``) of the restored best epoch, ``best_epoch`` and ``trial_seconds``.
     Probe epochs go to ``on_epoch("probe", m)``. A ``probe`` computed earlier for the same data,
     backbone, probe and attack settings and seed replaces stage 1. Stage 2 starts from RNGs reseeded
-    with ``seed + 1`` either way, so both give the same result.
+    with ``seed + 1`` either way, so both give the same result. With ``checkpoint_dir``, the tested
+    best-epoch state is saved there (:func:`save_trained_state`) before the last epoch is reported.
 
     Raises:
         ValueError / FileNotFoundError: data or weights that cannot be loaded, or a transfer method
@@ -223,10 +259,12 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
                                       device=prep.runtime.device)
             test_clean, test_robust = evaluate(prep.model, test_loader, finetune.eval_attack, cfg.eval.test_steps,
                                                prep.runtime.for_test(cfg.seed + 2))
+            if checkpoint_dir is not None:
+                save_trained_state(prep.model, checkpoint_dir)
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
                      "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
             metrics.update(final)
         record("finetune", metrics)
     summary = {**constants, **final,
                "val_clean_acc": finetune.best["val_clean_acc"], "val_robust_acc": finetune.best["val_robust_acc"]}
-    return TrialResult(summary, history)
+    return TrialResult(summary, history, prep.model.eval(), prep.splits.test, prep.splits.num_classes)

@@ -1,0 +1,243 @@
+"""The study's report: a markdown table of every cell, the findings F1-F3 computed from it, and plots.
+
+Every number comes from the study state (:mod:`roli_sweep.study`): test accuracies of the runs at
+the learning rates chosen on validation, as mean +- sample standard deviation over seeds, and
+RoLI - RanLI as the mean +- std of the per-seed paired differences (same seed, so the same data
+split, data order and attack randomness). Missing runs show as "-" with the seed count given.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from roli_sweep.config import StudyConfig
+from roli_sweep.plots import plot_backbone_comparison, plot_clean_vs_robust, plot_paired_differences
+from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, choose_lrs
+
+PEFT_METHODS = ("linear", "lora", "adapter", "prompt", "bias")
+
+
+@dataclass
+class Stat:
+    """Mean and sample std over seeds (std 0 for one value), with the number of values."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else float("nan")
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
+
+    def pct(self, signed: bool = False) -> str:
+        """``"41.2 ± 1.3"`` in percentage points, or ``-`` when empty."""
+        if not self.values:
+            return "-"
+        sign = "+" if signed else ""
+        return f"{100 * self.mean:{sign}.1f} ± {100 * self.std:.1f}"
+
+
+@dataclass
+class Cell:
+    """One (backbone, target, method) group: per-init stats at their own best lr and at the matched lr."""
+
+    backbone: str
+    target: str
+    method: str
+    choice: LrChoice
+    own: dict[str, dict[str, Stat]]  # head_init -> metric -> Stat
+    diff_own: dict[str, Stat]  # metric -> paired RoLI - RanLI at own lrs
+    diff_matched: dict[str, Stat]  # metric -> paired RoLI - RanLI at the matched lr
+
+
+@dataclass
+class Report:
+    folder: Path
+    summary: dict[str, float]
+    cells: list[Cell]
+
+
+METRICS = ("test_clean_acc", "test_robust_acc")
+
+
+def _seed_metrics(study: StudyConfig, state: StudyState, backbone: str, target: str, method: str, init: str,
+                  lr: float) -> dict[int, dict[str, float]]:
+    found = {}
+    for seed in study.seeds:
+        metrics = state.completed(RunKey(backbone, target, method, init, lr, seed))
+        if metrics is not None:
+            found[seed] = metrics
+    return found
+
+
+def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> dict[str, Stat]:
+    seeds = sorted(set(a) & set(b))
+    return {m: Stat([a[s][m] - b[s][m] for s in seeds]) for m in METRICS}
+
+
+def collect_cells(study: StudyConfig, state: StudyState) -> list[Cell]:
+    """Every group whose lrs are chosen, with its seed statistics (needs both RoLI and RanLI in the study)."""
+    cells = []
+    for backbone in study.backbones:
+        for target in study.targets:
+            for method in study.methods:
+                choice = choose_lrs(study, state, (backbone, target, method))
+                if choice is None or set(study.head_inits) != {"random", "roli"}:
+                    continue
+                own_runs = {init: _seed_metrics(study, state, backbone, target, method, init, choice.own[init])
+                            for init in study.head_inits}
+                matched = {init: _seed_metrics(study, state, backbone, target, method, init, choice.matched)
+                           for init in study.head_inits}
+                own = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS}
+                       for init, runs in own_runs.items()}
+                cells.append(Cell(backbone, target, method, choice, own,
+                                  _paired(own_runs["roli"], own_runs["random"]),
+                                  _paired(matched["roli"], matched["random"])))
+    return cells
+
+
+def probe_stats(study: StudyConfig, state: StudyState) -> dict[tuple[str, str], dict[str, Stat]]:
+    """Test accuracies of the stage-1 probes, per (backbone, target), over the seeds that have one."""
+    from roli_sweep.trial import ProbeOutcome
+
+    stats = {}
+    for backbone in study.backbones:
+        for target in study.targets:
+            found = [ProbeOutcome.load(state.probe_path(ProbeKey(backbone, target, s))).metrics
+                     for s in study.seeds if state.has_probe(ProbeKey(backbone, target, s))]
+            stats[(backbone, target)] = {m: Stat([f[f"probe_{m}"] for f in found]) for m in METRICS}
+    return stats
+
+
+def _lr(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str], dict[str, Stat]]) -> tuple[list[str], dict[str, float]]:
+    """Lines stating F1-F3 with their numbers, and the same numbers as summary metrics."""
+    lines, summary = [], {}
+    robust_key = "test_robust_acc"
+    # F1: standard vs robust backbone, PEFT methods (both inits, own lr)
+    lines.append("**F1 (standard backbone: PEFT stays far less robust).** Mean test robust accuracy of "
+                 f"{', '.join(PEFT_METHODS)} (both inits, own lr), and of full finetuning:")
+    for target in study.targets:
+        row = []
+        for backbone in study.backbones:
+            peft = [c.own[i][robust_key].mean for c in cells if c.backbone == backbone and c.target == target
+                    and c.method in PEFT_METHODS for i in c.own if c.own[i][robust_key].n]
+            full = [c.own[i][robust_key].mean for c in cells if c.backbone == backbone and c.target == target
+                    and c.method == "full" for i in c.own if c.own[i][robust_key].n]
+            if peft:
+                summary[f"f1_{target}_{backbone}_peft_robust"] = statistics.fmean(peft)
+                row.append(f"{backbone}: PEFT {100 * statistics.fmean(peft):.1f} %"
+                           + (f", full {100 * statistics.fmean(full):.1f} %" if full else ""))
+        lines.append(f"- {target}: " + "; ".join(row))
+    # F2: probe vs RanLI finetuning on the robust backbone
+    lines.append("")
+    lines.append("**F2 (robust backbone: the adversarial linear probe keeps robustness and can beat RanLI "
+                 "finetuning).** Probe test robust accuracy vs each method with RanLI (own lr):")
+    for (backbone, target), stat in probes.items():
+        ranli = {c.method: c.own["random"][robust_key].mean for c in cells
+                 if c.backbone == backbone and c.target == target and c.own["random"][robust_key].n}
+        if not stat[robust_key].n or not ranli:
+            continue
+        beaten = [m for m, v in ranli.items() if stat[robust_key].mean >= v]
+        summary[f"f2_{backbone}_{target}_probe_beats_ranli"] = len(beaten)
+        lines.append(f"- {backbone} / {target}: probe {stat[robust_key].pct()} %; at or above RanLI for "
+                     f"{len(beaten)} of {len(ranli)} methods ({', '.join(beaten) or 'none'})")
+    # F3: RoLI - RanLI, own lr and matched lr
+    lines.append("")
+    lines.append("**F3 (RoLI beats RanLI).** Mean over cells of the paired RoLI - RanLI difference "
+                 "(percentage points; cells with a positive mean / all cells):")
+    for scope in ("all", *study.backbones):
+        chosen = [c for c in cells if scope == "all" or c.backbone == scope]
+        parts = []
+        for label, attr in (("own lr", "diff_own"), ("matched lr", "diff_matched")):
+            for metric in METRICS:
+                means = [getattr(c, attr)[metric].mean for c in chosen if getattr(c, attr)[metric].n]
+                if not means:
+                    continue
+                key = f"f3_{scope}_{attr}_{metric}"
+                summary[key] = statistics.fmean(means)
+                positive = sum(v > 0 for v in means)
+                parts.append(f"{label} {metric.removeprefix('test_').removesuffix('_acc')} "
+                             f"{100 * statistics.fmean(means):+.2f} ({positive}/{len(means)})")
+        lines.append(f"- {'all backbones' if scope == 'all' else scope + ' backbone'}: " + "; ".join(parts))
+    return lines, summary
+
+
+def write_report(study: StudyConfig, state: StudyState) -> Report:
+    """Write ``RESULTS.md`` and three PNG plots into ``<state folder>/report`` from what has finished."""
+    folder = state.folder / "report"
+    folder.mkdir(exist_ok=True)
+    cells = collect_cells(study, state)
+    probes = probe_stats(study, state)
+    base = study.base
+    run_seconds = 0.0
+    completed = failed = 0
+    for path in sorted(state.folder.glob("runs/*.json")):
+        record = json.loads(path.read_text())
+        run_seconds += record.get("seconds", 0.0)
+        completed += record["status"] == "completed"
+        failed += record["status"] == "failed"
+    sizes = "; ".join(f"{t}: {d.name}{' classes ' + str(d.classes) if d.classes else ''}, train {d.train_size}, "
+                      f"val {d.val_size}, test {d.test_size}" for t, d in study.targets.items())
+    lines = [
+        f"# Study {study.name}",
+        "",
+        f"Threat model: L-inf eps {base.eval.eps if base.eval.eps is not None else base.attack.eps:.4g} in [0, 1] pixels, "
+        f"attacked at the datasets' 28x28 input. Training: PGD-{base.attack.steps} "
+        f"(step {'2.5 eps / steps' if base.attack.step_size is None else base.attack.step_size}), random start. "
+        f"Validation (lr and epoch selection): PGD-{base.eval.val_steps}. Test: clean and PGD-{base.eval.test_steps}, "
+        f"step {base.eval.step_size}, 1 random start, best iterate per example.",
+        f"Data: {sizes}.",
+        f"Stage 1: {base.probe.epochs} epochs SGD lr {base.probe.lr}; stage 2: {base.finetune.epochs} epochs "
+        f"{base.finetune.optimizer} with {base.finetune.warmup_epochs} warm-up epochs. Seeds {study.seeds} "
+        f"(lr chosen with seed {study.seeds[0]} on val robust accuracy).",
+        "lr grids: " + "; ".join(f"{m} {[_lr(v) for v in s.lrs]}" for m, s in study.methods.items()) + ".",
+        f"Runs: {completed} completed, {failed} failed; {run_seconds / 3600:.2f} h of run time summed over runs "
+        "(probes not included).",
+        "",
+        "## Stage-1 adversarial linear probes (test, % mean ± std over seeds)",
+        "",
+        "| backbone | target | seeds | clean | robust |",
+        "|---|---|---|---|---|",
+    ]
+    for (backbone, target), stat in probes.items():
+        lines.append(f"| {backbone} | {target} | {stat['test_clean_acc'].n} | {stat['test_clean_acc'].pct()} | "
+                     f"{stat['test_robust_acc'].pct()} |")
+    lines += [
+        "",
+        "## Finetuning (test, % mean ± std over seeds; Δ = paired RoLI - RanLI, points)",
+        "",
+        "| backbone | target | method | RanLI lr | RanLI clean | RanLI robust | RoLI lr | RoLI clean | RoLI robust "
+        "| Δ clean (own lr) | Δ robust (own lr) | matched lr | Δ clean (matched) | Δ robust (matched) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        r, o = c.own["random"], c.own["roli"]
+        lines.append(
+            f"| {c.backbone} | {c.target} | {c.method} | {_lr(c.choice.own['random'])} | {r['test_clean_acc'].pct()} | "
+            f"{r['test_robust_acc'].pct()} | {_lr(c.choice.own['roli'])} | {o['test_clean_acc'].pct()} | "
+            f"{o['test_robust_acc'].pct()} | {c.diff_own['test_clean_acc'].pct(True)} | "
+            f"{c.diff_own['test_robust_acc'].pct(True)} | {_lr(c.choice.matched)} | "
+            f"{c.diff_matched['test_clean_acc'].pct(True)} | {c.diff_matched['test_robust_acc'].pct(True)} | "
+            f"{min(r['test_robust_acc'].n, o['test_robust_acc'].n)} |")
+    text, summary = findings(study, cells, probes)
+    lines += ["", "## Findings at this scale", "", *text, "",
+              "Plots: clean_vs_robust.png, roli_minus_ranli.png, robust_vs_standard.png."]
+    (folder / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    if cells:
+        plot_clean_vs_robust(cells, probes, folder / "clean_vs_robust.png")
+        plot_paired_differences(cells, folder / "roli_minus_ranli.png")
+        plot_backbone_comparison(cells, folder / "robust_vs_standard.png")
+    summary.update({"runs_completed": completed, "runs_failed": failed, "run_hours": run_seconds / 3600})
+    return Report(folder, summary, cells)
