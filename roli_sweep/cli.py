@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                        help="run only this part (backbone, target, method, head_init, seed); repeatable")
     study.add_argument("--report-only", action="store_true", help="write the report from what has finished")
+    study.add_argument("--no-final", action="store_true", help="skip the final evaluation (AutoAttack, masking checks)")
     study.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
     study.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime (default: all)")
     study.add_argument("--address", help="join an existing Ray cluster")
@@ -224,9 +225,24 @@ def cmd_study(args: argparse.Namespace) -> int:
                     if record["status"] == "completed" else f"[red]probe failed[/]\n{record['error']}")
             console.print(f"probe {key.id}: {line}", highlight=False)
 
-        progress = run_study(study, state, filters, on_run, on_probe, num_cpus=args.num_cpus, address=args.address)
+        def on_final(key: RunKey, record: dict) -> None:
+            recorder.log_final(key.id, record)
+            if record["status"] != "completed":
+                console.print(f"[red]final evaluation of {key.id} failed[/]\n{record['error']}", highlight=False)
+                return
+            m = record["metrics"]
+            console.print(f"final {key.id}: clean {m['test_clean_acc']:.3f}, PGD {m['test_pgd_acc']:.3f}, "
+                          f"AutoAttack {m.get('test_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s",
+                          highlight=False)
+            for name, status, detail in record["checks"]:
+                if status != "pass":
+                    console.print(f"[bold red]  masking check {name}: warning[/] ({detail})", highlight=False)
+
+        progress = run_study(study, state, filters, on_run, on_probe, on_final, num_cpus=args.num_cpus,
+                             address=args.address, final=not args.no_final)
         console.print(f"study {study.name}: {progress.probes_run} probes, {progress.runs_completed} runs completed, "
-                      f"{progress.runs_failed} failed in {progress.seconds:.0f} s")
+                      f"{progress.runs_failed} failed, {progress.finals_done} final evaluations in "
+                      f"{progress.seconds:.0f} s")
     from roli_sweep.study_report import write_report
 
     report = write_report(study, state)

@@ -108,6 +108,14 @@ class StudyState:
         """Where a run keeps its tested best-epoch state (for the final evaluation)."""
         return self.folder / "models" / key.id
 
+    def final_path(self, key: RunKey) -> Path:
+        """The final evaluation's record of a run (``final/<id>.json``; ``.state.json`` while it runs)."""
+        return self.folder / "final" / f"{key.id}.json"
+
+    def final(self, key: RunKey) -> dict[str, Any] | None:
+        path = self.final_path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def run_path(self, key: RunKey) -> Path:
         return self.folder / "runs" / f"{key.id}.json"
 
@@ -177,6 +185,34 @@ def seed_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
     return runs
 
 
+def final_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
+    """The runs that get the final evaluation: each cell at its own lr with the first seed, once chosen."""
+    runs = []
+    for b in study.backbones:
+        for t in study.targets:
+            for m in study.methods:
+                choice = choose_lrs(study, state, (b, t, m))
+                if choice is not None:
+                    runs += [RunKey(b, t, m, init, choice.own[init], study.seeds[0]) for init in study.head_inits]
+    return runs
+
+
+def _final_job(cfg_json: dict[str, Any], model_dir: str, final_path: str) -> dict[str, Any]:
+    from roli_sweep.final_eval import evaluate_and_check
+    from roli_sweep.trial import BEST_STATE_FILE, load_trained
+
+    started = time.perf_counter()
+    try:
+        cfg = TrialConfig.model_validate(cfg_json)
+        model, splits, device = load_trained(cfg, Path(model_dir) / BEST_STATE_FILE)
+        report = evaluate_and_check(model, splits.test, cfg, splits.num_classes, device,
+                                    Path(final_path).with_suffix(".state.json"))
+    except Exception:  # noqa: BLE001 - recorded; the other evaluations go on
+        return {"status": "failed", "error": traceback.format_exc(limit=5)}
+    return {"status": "completed", "metrics": report.result.metrics(), "params": report.result.threat.params(),
+            "checks": [(c.name, c.status, c.detail) for c in report.checks], "seconds": time.perf_counter() - started}
+
+
 def _probe_job(cfg_json: dict[str, Any], path: str) -> dict[str, Any]:
     from roli_sweep.trial import probe_and_test
 
@@ -207,17 +243,22 @@ class StudyProgress:
     probes_run: int = 0
     runs_completed: int = 0
     runs_failed: int = 0
+    finals_done: int = 0
     seconds: float = 0.0
 
 
 def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]],
               on_run: Callable[[RunKey, dict[str, Any]], None], on_probe: Callable[[ProbeKey, dict[str, Any]], None],
-              num_cpus: int | None = None, address: str | None = None) -> StudyProgress:
+              on_final: Callable[[RunKey, dict[str, Any]], None], num_cpus: int | None = None,
+              address: str | None = None, final: bool = True) -> StudyProgress:
     """Run every selected probe and run that has no completed record yet (failed runs are retried).
 
     Work is handed to Ray ``max_concurrent`` jobs at a time, probes first; seed runs of a group are
     added as soon as its selection runs have chosen the lrs. A failed probe skips its runs for the
-    rest of this invocation (the next one tries it again). ``on_run`` / ``on_probe`` are called in
+    rest of this invocation (the next one tries it again). With ``final``, each cell's own-lr run
+    with the first seed then gets the final evaluation (``base.eval.final``: clean, PGD with
+    restarts, AutoAttack) and the masking checks, once every selected run is done; a failed one
+    is retried by the next invocation. ``on_run`` / ``on_probe`` are called in
     this process as each job ends (logging to MLflow, printing).
     """
     import ray
@@ -229,23 +270,36 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
     opts = {"num_cpus": study.resources.cpu, "num_gpus": study.resources.gpu, "max_retries": 0}
     probe_task = ray.remote(_probe_job).options(**opts)
     run_task = ray.remote(_run_job).options(**opts)
-    in_flight: dict[Any, ProbeKey | RunKey] = {}
+    final_task = ray.remote(_final_job).options(**opts)
+    in_flight: dict[Any, tuple[str, ProbeKey | RunKey]] = {}
     failed_probes: set[ProbeKey] = set()
+    tried_finals: set[RunKey] = set()
 
     def pending() -> list[ProbeKey | RunKey]:
         runs = [k for k in selection_runs(study) + seed_runs(study, state)
                 if _selected(k, filters) and state.completed(k) is None and k.probe not in failed_probes]
         probes = sorted({k.probe for k in runs if not state.has_probe(k.probe)}, key=lambda p: p.id)
-        ready = [k for k in runs if state.has_probe(k.probe)]
+        ready = [("run", k) for k in runs if state.has_probe(k.probe)]
+        finals = []
+        if final and not runs:
+            finals = [("final", k) for k in final_runs(study, state) if _selected(k, filters)
+                      and state.completed(k) is not None and k not in tried_finals
+                      and (state.final(k) or {}).get("status") != "completed"]
         busy = set(in_flight.values())
-        return [k for k in probes + ready if k not in busy]
+        return [item for item in [("probe", k) for k in probes] + ready + finals if item not in busy]
 
     try:
         while True:
             todo = pending()
             while todo and len(in_flight) < study.max_concurrent:
-                key = todo.pop(0)
-                if isinstance(key, ProbeKey):
+                kind, key = todo.pop(0)
+                if kind == "final":
+                    tried_finals.add(key)
+                    cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
+                    state.final_path(key).parent.mkdir(exist_ok=True)
+                    ref = final_task.remote(cfg.model_dump(mode="json"), str(state.model_dir(key)),
+                                            str(state.final_path(key)))
+                elif kind == "probe":
                     cfg = study.run_config(key.backbone, key.target, next(iter(study.methods)), study.head_inits[0],
                                            study.base.finetune.lr, key.seed)
                     ref = probe_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key)))
@@ -253,12 +307,18 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
                     cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
                     ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key.probe)),
                                           str(state.model_dir(key)))
-                in_flight[ref] = key
+                in_flight[ref] = (kind, key)
             if not in_flight:
                 break
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            key = in_flight.pop(done[0])
-            if isinstance(key, ProbeKey):
+            kind, key = in_flight.pop(done[0])
+            if kind == "final":
+                record = ray.get(done[0])
+                state.final_path(key).write_text(json.dumps(record, indent=1))
+                on_final(key, record)
+                progress.finals_done += 1
+                continue
+            if kind == "probe":
                 record = ray.get(done[0])
                 if record["status"] == "failed":
                     failed_probes.add(key)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from roli_sweep.config import StudyConfig
 from roli_sweep.plots import plot_backbone_comparison, plot_clean_vs_robust, plot_paired_differences
-from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, choose_lrs
+from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, choose_lrs, final_runs
 
 PEFT_METHODS = ("linear", "lora", "adapter", "prompt", "bias")
 
@@ -174,6 +174,39 @@ def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str]
     return lines, summary
 
 
+def final_table(study: StudyConfig, state: StudyState) -> tuple[list[str], dict[str, float]]:
+    """The final evaluations (seed 0, each cell at its own lr) as a markdown table, and their summary."""
+    rows, warned, done = [], 0, 0
+    params: dict[str, str] = {}
+    for key in final_runs(study, state):
+        record = state.final(key)
+        if not record:
+            continue
+        if record["status"] != "completed":
+            rows.append(f"| {key.backbone} | {key.target} | {key.method} | {key.head_init} | failed | | | |")
+            continue
+        done += 1
+        params = record["params"]
+        m = record["metrics"]
+        bad = [name for name, status, _ in record["checks"] if status != "pass"]
+        warned += bool(bad)
+        aa = m.get("test_autoattack_acc")
+        rows.append(f"| {key.backbone} | {key.target} | {key.method} | {'RoLI' if key.head_init == 'roli' else 'RanLI'} "
+                    f"| {100 * m['test_clean_acc']:.1f} | {100 * m['test_pgd_acc']:.1f} | "
+                    f"{'-' if aa is None else f'{100 * aa:.1f}'} | {'pass' if not bad else 'warning: ' + ', '.join(bad)} |")
+    if not rows:
+        return [], {}
+    threat = ", ".join(f"{k.removeprefix('final_eval.')} {v}" for k, v in params.items())
+    masking = study.base.eval.final.masking
+    lines = ["", f"## Final evaluation (seed {study.seeds[0]}, each cell at its own lr; test, %)", "",
+             f"Threat model: {threat}. Masking checks on the first {masking.n_examples} of these examples: "
+             f"eps sweep x{masking.eps_factors} and {masking.large_eps}, PGD-{masking.pgd_steps} vs "
+             f"PGD-{masking.more_steps}, Square {masking.square_queries} queries, input gradients, determinism.",
+             "", "| backbone | target | method | init | clean | PGD (restarts) | AutoAttack | masking checks |",
+             "|---|---|---|---|---|---|---|---|", *rows]
+    return lines, {"final_evaluations": done, "final_masking_warnings": warned}
+
+
 def write_report(study: StudyConfig, state: StudyState) -> Report:
     """Write ``RESULTS.md`` and three PNG plots into ``<state folder>/report`` from what has finished."""
     folder = state.folder / "report"
@@ -231,7 +264,10 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
             f"{c.diff_own['test_robust_acc'].pct(True)} | {_lr(c.choice.matched)} | "
             f"{c.diff_matched['test_clean_acc'].pct(True)} | {c.diff_matched['test_robust_acc'].pct(True)} | "
             f"{min(r['test_robust_acc'].n, o['test_robust_acc'].n)} |")
+    final_lines, final_summary = final_table(study, state)
     text, summary = findings(study, cells, probes)
+    summary.update(final_summary)
+    lines += final_lines
     lines += ["", "## Findings at this scale", "", *text, "",
               "Plots: clean_vs_robust.png, roli_minus_ranli.png, robust_vs_standard.png."]
     (folder / "RESULTS.md").write_text("\n".join(lines) + "\n")

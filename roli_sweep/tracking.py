@@ -268,6 +268,13 @@ class StudyRecorder:
         self.client.set_terminated(run.info.run_id, "FINISHED" if record["status"] == "completed" else "FAILED")
         self.logged.add(run_key)
 
+    def log_final(self, run_key: str, record: dict[str, Any]) -> None:
+        """Add a final evaluation (and its masking tags) to the child run of ``run_key``."""
+        found = self.client.search_runs([self.experiment], filter_string=f"tags.run_key = '{run_key}'")
+        if found:
+            final_eval_record(found[0].info.run_id, self.client,
+                              record if record["status"] == "completed" else {"error": record["error"]})
+
     def finish(self, report_dir: Path | None, summary: dict[str, float]) -> None:
         """Log the report folder (markdown table, PNG plots) and summary metrics to the parent run."""
         if report_dir is not None:

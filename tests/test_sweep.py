@@ -50,6 +50,21 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
                key=lambda c: c.data.metrics["best_val_robust_acc"])
     assert parent.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"])
 
+    # a best trial (final_top_k: 1) got the final evaluation from its checkpoint, and the masking checks
+    evaluated = [c for c in children if "final_eval" in c.data.tags]
+    assert len(evaluated) == 1
+    final = evaluated[0]
+    assert final.data.metrics["best_val_robust_acc"] == best.data.metrics["best_val_robust_acc"]
+    assert final.data.tags["final_eval"] == "done" and final.data.tags["masking"] in ("pass", "warning")
+    assert {f"masking.{c}" for c in ("order", "eps_sweep", "more_steps", "black_box", "gradients",
+                                     "deterministic")} <= set(final.data.tags)
+    m = final.data.metrics
+    assert m["test_autoattack_acc"] <= m["test_pgd_acc"] + 1 / 16 and m["test_pgd_acc"] <= m["test_clean_acc"]
+    assert final.data.params["final_eval.n_examples"] == "16" and final.data.params["final_eval.autoattack"] == "standard"
+    assert parent.data.metrics["best_final_test_autoattack_acc"] == m["test_autoattack_acc"]
+    assert "final_evaluation.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert (tmp_path / "ray_results" / "s1" / "final_eval" / f"{final.data.tags['trial_id']}.json").is_file()
+
     # resuming a finished sweep restores it (Tuner.restore), reruns nothing and duplicates no run
     assert main(["--space", str(space), "--name", "s1", "--tracking-uri", uri, "--resume"]) == 0
     parent_again, children_again = _children(client, "s1")
@@ -65,7 +80,8 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
 
     assert main(["train", "--config", str(files[0]), "--tracking-uri", uri, "--experiment", "rerun"]) == 0
     rerun = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])[0]
-    assert rerun.data.tags["status"] == "completed"
+    assert rerun.data.tags["status"] == "completed" and rerun.data.tags["masking"] in ("pass", "warning")
+    assert "test_autoattack_acc" in rerun.data.metrics
     assert rerun.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"], abs=0.02)
 
 
@@ -108,3 +124,18 @@ def test_pareto_front_keeps_only_undominated_trials():
     rows = [row("a", 0.9, 0.1), row("b", 0.5, 0.5), row("c", 0.4, 0.4), row("d", 0.2, 0.6), row("e", 0.9, 0.05)]
     outcome = SweepOutcome("s", rows, "p", "e", "u", None)
     assert [r.trial_id for r in outcome.pareto_front()] == ["d", "b", "a"]
+
+
+def test_train_with_seeds_reports_mean_std_and_paired_difference(tmp_path, trial_dict, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = write_yaml(tmp_path / "trial.yaml", trial_dict)
+    assert main(["train", "--config", str(config), "--seeds", "2", "--paired", "--skip-final-eval",
+                 "--tracking-uri", uri, "--experiment", "seeds"]) == 0
+    out = capsys.readouterr().out
+    assert "RoLI - RanLI (paired)" in out and "±" in out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    assert sorted((r.data.params["seed"], r.data.params["finetune.head_init"]) for r in runs) == [
+        ("0", "random"), ("0", "roli"), ("1", "random"), ("1", "roli")]
+    assert all("test_autoattack_acc" not in r.data.metrics for r in runs)
+    assert main(["train", "--config", str(config), "--seeds", "0"]) == 2

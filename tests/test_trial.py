@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from roli_sweep.config import TrialConfig
-from roli_sweep.trial import init_finetune_head, prepare, run_probe, run_trial
+from roli_sweep.trial import ProbeOutcome, init_finetune_head, prepare, probe_and_test, run_probe, run_trial
 
 
 @pytest.mark.parametrize("head_init", ["roli", "random"])
@@ -81,3 +81,18 @@ def test_a_method_that_does_not_fit_fails_before_the_probe(trial_dict):
     with pytest.raises(ValueError, match="VisionTransformer"):
         run_trial(TrialConfig.model_validate(trial_dict), lambda stage, m: seen.append(stage))
     assert seen == [], "no epoch may run"
+
+
+@pytest.mark.parametrize("head_init", ["roli", "random"])
+def test_a_saved_probe_gives_the_same_trial(tmp_path, trial_dict, head_init):
+    """A study computes stage 1 once and shares it: the trial must not change."""
+    cfg = TrialConfig.model_validate({**trial_dict, "finetune": {**trial_dict["finetune"], "head_init": head_init}})
+    probe = probe_and_test(cfg)
+    assert 0.0 <= probe.metrics["probe_test_robust_acc"] <= probe.metrics["probe_test_clean_acc"] <= 1.0
+    probe.save(tmp_path / "probe.safetensors")
+    loaded = ProbeOutcome.load(tmp_path / "probe.safetensors")
+    assert loaded.metrics == probe.metrics
+    with_probe = run_trial(cfg, probe=loaded).metrics
+    alone = run_trial(cfg).metrics
+    for key in ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc", "probe_val_robust_acc"):
+        assert with_probe[key] == alone[key], key

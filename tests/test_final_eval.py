@@ -1,0 +1,118 @@
+"""Final evaluation (clean, PGD with restarts, AutoAttack), its resumable state, and the masking checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from roli_sweep.config import FinalEvalConfig, MaskingConfig
+from roli_sweep.final_eval import final_evaluate
+from roli_sweep.masking import masking_tags, run_checks
+from roli_sweep.train import Runtime
+
+CHECKS = MaskingConfig(n_examples=64, pgd_steps=10, more_steps=40, square_queries=200)
+
+
+@pytest.fixture(scope="module")
+def digits_linear():
+    """A linear classifier trained (clean) on 8x8 digits: healthy gradients, deterministic, easy to break."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:1200]), y[:1200]).backward()
+        opt.step()
+    return model.eval(), x[1200:1264], y[1200:1264]
+
+
+class Quantized(nn.Module):
+    """Gradient masking by a non-differentiable input transform: rounding has a zero gradient."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 4) / 4)
+
+
+class Noisy(nn.Module):
+    """Gradient masking by randomness: fresh input noise on every forward pass, even in eval mode."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x + 0.2 * torch.randn_like(x))
+
+
+def _checks(model, x, y, eps=0.1):
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    from roli_sweep.attacks import pgd
+
+    x_adv = pgd(model, x, y, eps, 2.5 * eps / 20, 20, True, torch.Generator().manual_seed(0), prefer_misclassified=True)
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    return {c.name: c for c in run_checks(model, x, y, eps, clean, robust, None, CHECKS, seed=0)}
+
+
+def test_a_healthy_model_passes_every_check(digits_linear):
+    model, x, y = digits_linear
+    checks = _checks(model, x, y)
+    assert {name: c.status for name, c in checks.items()} == dict.fromkeys(checks, "pass"), checks
+    assert masking_tags(list(checks.values()))["masking"] == "pass"
+
+
+def test_a_non_differentiable_model_is_flagged(digits_linear):
+    model, x, y = digits_linear
+    checks = _checks(Quantized(model), x, y)
+    assert checks["gradients"].status == "warning"  # rounding: every input gradient is exactly zero
+    assert checks["eps_sweep"].status == "warning"  # PGD cannot move, so accuracy never reaches ~0
+    assert checks["black_box"].status == "warning"  # Square needs no gradient and beats PGD
+    tags = masking_tags(list(checks.values()))
+    assert tags["masking"] == "warning" and tags["masking.gradients"] == "warning"
+    assert "0.0 %" in tags["masking.gradients.detail"]
+
+
+def test_a_randomised_model_is_flagged(digits_linear):
+    model, x, y = digits_linear
+    checks = _checks(Noisy(model), x, y)
+    assert checks["deterministic"].status == "warning"
+    assert checks["gradients"].status == "pass"
+
+
+def test_final_evaluation_orders_attacks_and_resumes(tmp_path, digits_linear):
+    model, x, y = digits_linear
+    test = TensorDataset(x[:24], y[:24])
+    cfg = FinalEvalConfig(n_examples=20, pgd_steps=10, pgd_restarts=2, batch_size=8)
+    runtime = Runtime(torch.device("cpu"), torch.Generator().manual_seed(0))
+    state = tmp_path / "final.json"
+    full = final_evaluate(model, test, cfg, 0.05, 10, runtime, seed=1, state_path=state)
+    m = full.metrics()
+    assert full.threat.n_examples == 20 and len(full.clean) == 20 and full.threat.autoattack == "standard"
+    assert m["test_autoattack_acc"] <= m["test_pgd_acc"] <= m["test_clean_acc"]
+    assert m["test_clean_acc"] > 0.5 and m["test_pgd_acc"] < m["test_clean_acc"]
+
+    # interrupted after the first batch: the resumed run recomputes only the rest and gives the same outcomes
+    saved = json.loads(state.read_text())
+    saved["outcomes"] = {k: v[:8] for k, v in saved["outcomes"].items()}
+    state.write_text(json.dumps(saved))
+    calls = []
+    resumed = final_evaluate(model, test, cfg, 0.05, 10, runtime, seed=1, state_path=state,
+                             on_batch=lambda done, total: calls.append(done))
+    assert calls == [16, 20]
+    assert (resumed.clean, resumed.pgd, resumed.autoattack) == (full.clean, full.pgd, full.autoattack)
+
+    with pytest.raises(ValueError, match="threat model"):
+        final_evaluate(model, test, cfg, 0.1, 10, runtime, seed=1, state_path=state)
