@@ -30,6 +30,10 @@ def plot_pareto(trials: Sequence[ScoredTrial], front: Sequence[ScoredTrial], pat
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -82,10 +86,7 @@ def plot_clean_vs_robust(cells, probes, path: Path) -> Path:
         ax.set_title(f"{target}: mean over seeds, own best lr", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_paired_differences(cells, path: Path) -> Path:
@@ -107,10 +108,7 @@ def plot_paired_differences(cells, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("RoLI - RanLI test robust acc (points)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_backbone_comparison(cells, path: Path) -> Path:
@@ -139,7 +137,4 @@ def plot_backbone_comparison(cells, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test robust accuracy (%)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

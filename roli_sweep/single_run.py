@@ -27,7 +27,8 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
 
     With ``final_eval``, the tested model then gets the final evaluation of ``cfg.eval.final``
     (clean, PGD with restarts, AutoAttack) and the gradient-masking checks, logged to the same run
-    and printed; its state file ``final_eval_<run id>.json`` sits next to the config.
+    and printed (it follows the training in one process, so it keeps no resumable state; a sweep's
+    final evaluations do).
 
     Returns:
         The trial's summary metrics (best-epoch val accuracies, test accuracies, probe accuracies),

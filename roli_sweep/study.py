@@ -19,13 +19,14 @@ each); every finished run also becomes an MLflow child run of the study's parent
 """
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from roli_sweep.config import ConfigError, StudyConfig, TrialConfig
 
@@ -170,31 +171,25 @@ def choose_lrs(study: StudyConfig, state: StudyState, group: tuple[str, str, str
     return LrChoice(own, matched)
 
 
+def chosen_groups(study: StudyConfig, state: StudyState) -> Iterator[tuple[tuple[str, str, str], LrChoice]]:
+    """Every (backbone, target, method) whose lrs are chosen, with the choice."""
+    for group in itertools.product(study.backbones, study.targets, study.methods):
+        choice = choose_lrs(study, state, group)
+        if choice is not None:
+            yield group, choice
+
+
 def seed_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
     """The remaining seeds' runs of every group whose lrs are chosen: own best lr and matched lr per init."""
-    runs: list[RunKey] = []
-    for b in study.backbones:
-        for t in study.targets:
-            for m in study.methods:
-                choice = choose_lrs(study, state, (b, t, m))
-                if choice is None:
-                    continue
-                for init in study.head_inits:
-                    for lr in sorted({choice.own[init], choice.matched}):
-                        runs.extend(RunKey(b, t, m, init, lr, s) for s in study.seeds[1:])
-    return runs
+    return [RunKey(*group, init, lr, seed) for group, choice in chosen_groups(study, state)
+            for init in study.head_inits for lr in sorted({choice.own[init], choice.matched})
+            for seed in study.seeds[1:]]
 
 
 def final_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
     """The runs that get the final evaluation: each cell at its own lr with the first seed, once chosen."""
-    runs = []
-    for b in study.backbones:
-        for t in study.targets:
-            for m in study.methods:
-                choice = choose_lrs(study, state, (b, t, m))
-                if choice is not None:
-                    runs += [RunKey(b, t, m, init, choice.own[init], study.seeds[0]) for init in study.head_inits]
-    return runs
+    return [RunKey(*group, init, choice.own[init], study.seeds[0]) for group, choice in chosen_groups(study, state)
+            for init in study.head_inits]
 
 
 def _final_job(cfg_json: dict[str, Any], model_dir: str, final_path: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from roli_sweep.config import StudyConfig
 from roli_sweep.plots import plot_backbone_comparison, plot_clean_vs_robust, plot_paired_differences
-from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, choose_lrs, final_runs
+from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, chosen_groups, final_runs
 
 PEFT_METHODS = ("linear", "lora", "adapter", "prompt", "bias")
 
@@ -85,22 +85,17 @@ def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> d
 
 def collect_cells(study: StudyConfig, state: StudyState) -> list[Cell]:
     """Every group whose lrs are chosen, with its seed statistics (needs both RoLI and RanLI in the study)."""
+    if set(study.head_inits) != {"random", "roli"}:
+        return []
     cells = []
-    for backbone in study.backbones:
-        for target in study.targets:
-            for method in study.methods:
-                choice = choose_lrs(study, state, (backbone, target, method))
-                if choice is None or set(study.head_inits) != {"random", "roli"}:
-                    continue
-                own_runs = {init: _seed_metrics(study, state, backbone, target, method, init, choice.own[init])
-                            for init in study.head_inits}
-                matched = {init: _seed_metrics(study, state, backbone, target, method, init, choice.matched)
-                           for init in study.head_inits}
-                own = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS}
-                       for init, runs in own_runs.items()}
-                cells.append(Cell(backbone, target, method, choice, own,
-                                  _paired(own_runs["roli"], own_runs["random"]),
-                                  _paired(matched["roli"], matched["random"])))
+    for (backbone, target, method), choice in chosen_groups(study, state):
+        own_runs = {init: _seed_metrics(study, state, backbone, target, method, init, choice.own[init])
+                    for init in study.head_inits}
+        matched = {init: _seed_metrics(study, state, backbone, target, method, init, choice.matched)
+                   for init in study.head_inits}
+        own = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS} for init, runs in own_runs.items()}
+        cells.append(Cell(backbone, target, method, choice, own, _paired(own_runs["roli"], own_runs["random"]),
+                          _paired(matched["roli"], matched["random"])))
     return cells
 
 
