@@ -200,12 +200,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     _positive(args.num_cpus, "--num-cpus")
     study = load_study_config(args.config)
-    from roli_sweep.study import StudyState, parse_filters
+    from roli_sweep.study import RunKey, StudyState, parse_filters, run_study
+    from roli_sweep.tracking import StudyRecorder
 
     filters = parse_filters(args.only)
     state = StudyState(args.out / study.name)
-    from roli_sweep.study import RunKey, run_study
-    from roli_sweep.tracking import StudyRecorder
 
     recorder = StudyRecorder(args.tracking_uri, study.name, args.config, args.config.read_text())
     if not args.report_only:
