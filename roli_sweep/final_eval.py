@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -168,9 +168,11 @@ class FinalReport:
     result: FinalEvalResult
     checks: list[Check]
 
-    @property
-    def masking(self) -> str:
-        return "pass" if all(c.status == "pass" for c in self.checks) else "warning"
+    def record(self) -> dict[str, Any]:
+        """Plain data for Ray, JSON and MLflow: ``metrics``, ``params`` (the threat model) and ``checks``
+        as ``(name, status, detail)``, as :func:`roli_sweep.tracking.final_eval_record` logs them."""
+        return {"metrics": self.result.metrics(), "params": self.result.threat.params(),
+                "checks": [(c.name, c.status, c.detail) for c in self.checks]}
 
 
 def evaluate_and_check(model: nn.Module, test: Dataset, cfg: TrialConfig, num_classes: int, device: torch.device,

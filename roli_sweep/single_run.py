@@ -65,8 +65,7 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
     if final_eval:
         final = evaluate_and_check(result.model, result.test_set, cfg, result.num_classes,
                                    next(result.model.parameters()).device)
-        record = {"metrics": final.result.metrics(), "params": final.result.threat.params(),
-                  "checks": [(c.name, c.status, c.detail) for c in final.checks]}
+        record = final.record()
         final_eval_record(run_id, client, record)
         metrics.update(record["metrics"])
         print_checks(console, final.checks)

@@ -204,8 +204,7 @@ def _final_job(cfg_json: dict[str, Any], model_dir: str, final_path: str) -> dic
                                     Path(final_path).with_suffix(".state.json"))
     except Exception:  # noqa: BLE001 - recorded; the other evaluations go on
         return {"status": "failed", "error": traceback.format_exc(limit=5)}
-    return {"status": "completed", "metrics": report.result.metrics(), "params": report.result.threat.params(),
-            "checks": [(c.name, c.status, c.detail) for c in report.checks], "seconds": time.perf_counter() - started}
+    return {"status": "completed", **report.record(), "seconds": time.perf_counter() - started}
 
 
 def _probe_job(cfg_json: dict[str, Any], path: str) -> dict[str, Any]:

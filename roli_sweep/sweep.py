@@ -96,9 +96,7 @@ def run_final_eval(cfg_json: dict[str, Any], checkpoint_dir: str, state_path: st
     torch.set_num_threads(threads)
     cfg = TrialConfig.model_validate(cfg_json)
     model, splits, device = load_trained(cfg, Path(checkpoint_dir) / BEST_STATE_FILE)
-    report = evaluate_and_check(model, splits.test, cfg, splits.num_classes, device, Path(state_path))
-    return {"metrics": report.result.metrics(), "params": report.result.threat.params(),
-            "checks": [(c.name, c.status, c.detail) for c in report.checks]}
+    return evaluate_and_check(model, splits.test, cfg, splits.num_classes, device, Path(state_path)).record()
 
 
 @dataclass

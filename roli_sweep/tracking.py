@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from roli_sweep.config import ConfigError, SearchSpace, TrialConfig, apply_overrides, dump_yaml, flatten
+from roli_sweep.masking import Check, masking_tags
 from roli_sweep.provenance import git_commit, package_versions
 
 TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
@@ -124,11 +125,7 @@ def final_eval_record(run_id: str, client: MlflowClient, final: dict[str, Any]) 
         return
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final["metrics"].items()],
                      params=[Param(k, v) for k, v in final["params"].items()])
-    statuses = [status for _, status, _ in final["checks"]]
-    tags = {"final_eval": "done", "masking": "pass" if all(s == "pass" for s in statuses) else "warning"}
-    for name, status, detail in final["checks"]:
-        tags[f"masking.{name}"] = status
-        tags[f"masking.{name}.detail"] = detail[:5000]
+    tags = {"final_eval": "done", **masking_tags([Check(*c) for c in final["checks"]])}
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
@@ -145,7 +142,7 @@ def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, par
             lines.append(f"| {trial_id} | failed: {final['error']} | | | |")
             continue
         m = final["metrics"]
-        masking = "pass" if all(s == "pass" for _, s, _ in final["checks"]) else "warning"
+        masking = masking_tags([Check(*c) for c in final["checks"]])["masking"]
         lines.append(f"| {trial_id} | {m['test_clean_acc']:.4f} | {m['test_pgd_acc']:.4f} | "
                      f"{m.get('test_autoattack_acc', float('nan')):.4f} | {masking} |")
         if rank == 0:
