@@ -139,8 +139,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 continue
             m, checks = row.final["metrics"], row.final["checks"]
             warned = [name for name, status, _ in checks if status != "pass"]
-            final_table.add_row(row.trial_id, _fmt(m["test_clean_acc"]), _fmt(m["test_pgd_acc"]),
-                                _fmt(m.get("test_autoattack_acc")),
+            final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
+                                _fmt(m.get("final_autoattack_acc")),
                                 "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
         console.print(final_table)
         for row in finals:
@@ -230,8 +230,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                 console.print(f"[red]final evaluation of {key.id} failed[/]\n{record['error']}", highlight=False)
                 return
             m = record["metrics"]
-            console.print(f"final {key.id}: clean {m['test_clean_acc']:.3f}, PGD {m['test_pgd_acc']:.3f}, "
-                          f"AutoAttack {m.get('test_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s",
+            console.print(f"final {key.id}: clean {m['final_clean_acc']:.3f}, PGD {m['final_pgd_acc']:.3f}, "
+                          f"AutoAttack {m.get('final_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s",
                           highlight=False)
             for name, status, detail in record["checks"]:
                 if status != "pass":

@@ -163,6 +163,31 @@ class MaskingConfig(_Strict):
     tolerance: float = Field(0.01, ge=0.0, le=1.0, description="noise allowance: a fraction of the checked examples (at least one)")
 
 
+class AutoAttackConfig(_Strict):
+    """AutoAttack's components (roli_sweep.autoattack). The defaults are the published standard version
+    (Croce & Hein, ICML 2020; fra31/auto-attack): anything else is reported as ``custom``."""
+
+    enabled: bool = Field(True, description="run AutoAttack in the final evaluation")
+    apgd_steps: PositiveInt = Field(100, description="iterations of APGD-CE and APGD-T (published: 100)")
+    fab_steps: PositiveInt = Field(100, description="iterations of FAB-T (published: 100)")
+    target_classes: PositiveInt = Field(9, description="target classes of APGD-T and FAB-T (published: 9; "
+                                        "K - 1 when the task has K <= 10 classes)")
+    square_queries: PositiveInt = Field(5000, description="queries of Square (published: 5000)")
+
+    @property
+    def version(self) -> str:
+        """``standard`` when every setting is the published one, else ``custom``."""
+        published = AutoAttackConfig.model_fields
+        same = all(getattr(self, k) == published[k].default for k in ("apgd_steps", "fab_steps", "target_classes",
+                                                                       "square_queries"))
+        return "standard" if same else "custom"
+
+
+def _autoattack_switch(value: Any) -> Any:
+    """``autoattack: false`` / ``true`` is short for ``{enabled: false}`` / the published settings."""
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
 class FinalEvalConfig(_Strict):
     """The reported test evaluation (roli_sweep.final_eval): clean, PGD with restarts, standard AutoAttack."""
 
@@ -170,7 +195,9 @@ class FinalEvalConfig(_Strict):
     pgd_steps: PositiveInt = 20
     pgd_step_size: PixelFraction | None = Field(None, description="None = 2.5 * eps / pgd_steps")
     pgd_restarts: PositiveInt = Field(5, description="random restarts; an example is robust only if it survives all")
-    autoattack: bool = Field(True, description="standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks")
+    autoattack: Annotated[AutoAttackConfig, BeforeValidator(_autoattack_switch)] = Field(
+        default_factory=AutoAttackConfig, description="AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from torchattacks' "
+        "components, by default as published; 'autoattack: false' turns it off")
     batch_size: PositiveInt = 128
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
 
@@ -198,12 +225,22 @@ def evaluation_attack(attack: AttackConfig, evaluation: EvalConfig) -> AttackCon
                         step_size=evaluation.step_size, random_start=True)
 
 
+NO_WEIGHT_DECAY = ["bias", "norm", "pos_embed", "cls_token", "reg_token", "prompts"]
+"""Default name fragments of the parameters kept out of weight decay: biases (Swin's
+``relative_position_bias_table`` too), norm layers, position embeddings, class / register tokens and
+prompt tokens. The RoLI reference exempts names containing ``bias`` only (its ``src/solver/optimizer.py``);
+the paper presets say so."""
+
+
 class StageConfig(_Strict):
     """Optimisation of one stage. The lr schedule is linear warm-up then cosine, stepped per batch."""
 
     epochs: PositiveInt
     lr: float = Field(gt=0.0, description="peak learning rate")
     weight_decay: NonNegativeFloat = 0.0
+    no_weight_decay: list[str] = Field(default_factory=lambda: list(NO_WEIGHT_DECAY),
+                                       description="trainable parameters whose name contains one of these fragments "
+                                       "get weight decay 0 (a second parameter group); [] = decay everything")
     optimizer: Literal["sgd", "adamw"]
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (ignored by AdamW)")
     warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up length in epochs; the first step already has lr > 0")
@@ -231,6 +268,15 @@ class FinetuneConfig(StageConfig):
     method: str = Field("lora", description="registered transfer method (roli_sweep.models.methods.METHODS)")
     method_params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters, validated by its Params model")
     head_init: Literal["roli", "random"] = Field("roli", description="roli: head from the stage-1 probe; random: RanLI")
+    random_head_init: Literal["reference", "timm"] = Field(
+        "reference", description="the random head both stage 1 and RanLI start from: 'reference' = the RoLI code's "
+        "(src/models/mlp.py: weight kaiming_normal_ fan_out, i.e. std sqrt(2 / classes); bias -ln(99), prior 0.01), "
+        "'timm' = the backbone's own head init")
+    backbone_mode: Literal["auto", "eval", "train"] = Field(
+        "auto", description="module mode of the backbone's own layers during finetuning: 'eval' = frozen layers "
+        "without dropout / drop-path / BatchNorm updates (only the method's added modules and the head in train mode), "
+        "'train' = the whole model in train mode; 'auto' = the RoLI reference's choice: 'train' for full "
+        "finetuning, 'eval' for every method that freezes the backbone")
     epochs: PositiveInt = 6
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: NonNegativeFloat = 0.01
@@ -395,6 +441,11 @@ class SearchSpace(_Strict):
                 "at max_t, so a smaller one would end all trials before their test evaluation")
         if self.scheduler.grace_period > max_t:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds max_t ({max_t})")
+        if "attack.eps" in self.parameters and self.base.eval.eps is None:
+            raise ValueError(
+                "parameters samples 'attack.eps' while 'base.eval.eps' is unset, so every trial would be validated "
+                "at its own training eps and a small eps would win; set base.eval.eps (e.g. 8/255) to compare all "
+                "trials under one threat model")
         if "finetune.epochs" in self.parameters:
             raise ValueError("finetune.epochs cannot be sampled: ASHA counts finetune epochs up to a fixed max_t")
         if self.scheduler.grace_period <= self.base.finetune.warmup_epochs:

@@ -2,9 +2,9 @@
 
 Validation accuracies select models; this is what gets reported (../shared/PAPER.md, "Checking
 robustness claims"): clean accuracy, PGD-k with random restarts (an example counts as robust only if
-no restart breaks it) and standard AutoAttack (Croce & Hein, ICML 2020: APGD-CE, APGD-T, FAB-T,
-Square) from torchattacks (``torchattacks.AutoAttack(version='standard')``), on the full test split
-or its first ``n_examples`` (a stated subset). The model runs in eval mode in fp32.
+it is classified correctly clean and no restart breaks it) and standard AutoAttack as published
+(Croce & Hein, ICML 2020: APGD-CE, APGD-T, FAB-T, Square; :mod:`roli_sweep.autoattack`), on the full
+test split or its first ``n_examples`` (a stated subset). The model runs in eval mode in fp32.
 
 :func:`evaluate_and_check` adds the gradient-masking checks of :mod:`roli_sweep.masking`.
 
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from roli_sweep.attacks import pgd
+from roli_sweep.autoattack import autoattack_robust, target_classes
 from roli_sweep.config import FinalEvalConfig, TrialConfig, evaluation_attack
 from roli_sweep.masking import Check, run_checks
 from roli_sweep.train import Runtime, make_loader
@@ -38,11 +39,21 @@ class ThreatModel:
     pgd_step_size: float
     pgd_restarts: int
     autoattack: str
+    """``standard`` (the published configuration), ``custom`` or ``off``."""
+    autoattack_apgd_steps: int
+    autoattack_fab_steps: int
+    autoattack_target_classes: int
+    autoattack_square_queries: int
     n_examples: int
     input_size: str
 
     def params(self) -> dict[str, str]:
-        return {f"final_eval.{k}": str(v) for k, v in asdict(self).items()}
+        """MLflow params ``final_eval.<field>``; the AutoAttack settings as ``final_eval.autoattack.<setting>``."""
+        out = {}
+        for key, value in asdict(self).items():
+            key = "autoattack.version" if key == "autoattack" else key.replace("autoattack_", "autoattack.")
+            out[f"final_eval.{key}"] = str(value)
+        return out
 
 
 @dataclass
@@ -56,17 +67,22 @@ class FinalEvalResult:
 
     def metrics(self) -> dict[str, float]:
         n = len(self.clean)
-        out = {"test_clean_acc": sum(self.clean) / n, "test_pgd_acc": sum(self.pgd) / n}
+        out = {"final_clean_acc": sum(self.clean) / n, "final_pgd_acc": sum(self.pgd) / n}
         if self.autoattack is not None:
-            out["test_autoattack_acc"] = sum(self.autoattack) / n
+            out["final_autoattack_acc"] = sum(self.autoattack) / n
         return out
 
 
-def threat_model(cfg: FinalEvalConfig, eps: float, n_examples: int, input_shape: tuple[int, ...]) -> ThreatModel:
+def threat_model(cfg: FinalEvalConfig, eps: float, n_examples: int, input_shape: tuple[int, ...],
+                 num_classes: int) -> ThreatModel:
     """The threat model of a final evaluation at ``eps`` ([0, 1] pixel units) on images of ``input_shape`` (C, H, W)."""
+    aa = cfg.autoattack
     return ThreatModel(norm="Linf", eps=eps, pgd_steps=cfg.pgd_steps,
                        pgd_step_size=cfg.pgd_step_size if cfg.pgd_step_size is not None else 2.5 * eps / cfg.pgd_steps,
-                       pgd_restarts=cfg.pgd_restarts, autoattack="standard" if cfg.autoattack else "off",
+                       pgd_restarts=cfg.pgd_restarts, autoattack=aa.version if aa.enabled else "off",
+                       autoattack_apgd_steps=aa.apgd_steps, autoattack_fab_steps=aa.fab_steps,
+                       autoattack_target_classes=target_classes(aa, num_classes),
+                       autoattack_square_queries=aa.square_queries,
                        n_examples=n_examples, input_size="x".join(str(s) for s in input_shape))
 
 
@@ -79,26 +95,16 @@ def test_subset(test: Dataset, cfg: FinalEvalConfig) -> Dataset:
 
 def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                       generator: torch.Generator) -> torch.Tensor:
-    """Per example (B,): still correct after every one of ``threat.pgd_restarts`` random-start PGD runs."""
-    robust = torch.ones_like(y, dtype=torch.bool)
+    """Per example (B,): correct clean and still correct after every one of ``threat.pgd_restarts``
+    random-start PGD runs (x: (B, C, H, W) in [0, 1])."""
+    with torch.no_grad():
+        robust = model(x).argmax(1) == y
     for _ in range(threat.pgd_restarts):
         x_adv = pgd(model, x, y, threat.eps, threat.pgd_step_size, threat.pgd_steps, True, generator,
                     prefer_misclassified=True)
         with torch.no_grad():
             robust &= model(x_adv).argmax(1) == y
     return robust
-
-
-def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,
-                       seed: int) -> torch.Tensor:
-    """Per example (B,): correct on torchattacks' standard AutoAttack example (x: (B, C, H, W) in [0, 1])."""
-    import torchattacks
-
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
-                                     seed=seed)
-    x_adv = attack(x, y)
-    with torch.no_grad():
-        return model(x_adv).argmax(1) == y
 
 
 def _load_state(path: Path | None, threat: ThreatModel) -> dict[str, list[bool]]:
@@ -130,7 +136,7 @@ def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: f
         ValueError: ``state_path`` holds a state for a different threat model.
     """
     subset = test_subset(test, cfg)
-    threat = threat_model(cfg, eps, len(subset), tuple(subset[0][0].shape))
+    threat = threat_model(cfg, eps, len(subset), tuple(subset[0][0].shape), num_classes)
     outcomes = _load_state(state_path, threat)
     generator = torch.Generator(runtime.device).manual_seed(seed)
     loader = make_loader(subset, cfg.batch_size, shuffle=False, seed=seed, device=runtime.device)
@@ -147,8 +153,9 @@ def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: f
         robust = pgd_with_restarts(model, x, y, threat, generator)
         outcomes["clean"] += clean.tolist()
         outcomes["pgd"] += robust.tolist()
-        if cfg.autoattack:
-            outcomes["autoattack"] += autoattack_correct(model, x, y, eps, num_classes, seed + batch).tolist()
+        if cfg.autoattack.enabled:
+            outcomes["autoattack"] += autoattack_robust(model, x, y, eps, num_classes, cfg.autoattack,
+                                                        seed + batch).tolist()
         if state_path is not None:
             state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = state_path.with_suffix(".tmp")
@@ -158,7 +165,7 @@ def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: f
             on_batch(len(outcomes["clean"]), len(subset))
     model.train(was_training)
     return FinalEvalResult(threat, outcomes["clean"], outcomes["pgd"],
-                           outcomes["autoattack"] if cfg.autoattack else None)
+                           outcomes["autoattack"] if cfg.autoattack.enabled else None)
 
 
 @dataclass

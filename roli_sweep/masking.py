@@ -10,7 +10,11 @@ check returns ``pass`` or ``warning`` with the numbers behind it:
 - ``black_box``: Square (black-box, torchattacks) does not beat the white-box attacks;
 - ``gradients``: every example has a non-zero, finite input gradient (of the logit margin, which
   does not saturate the way cross-entropy does on confident examples);
+- ``logits``: the outputs are logits, not probabilities (rows in [0, 1] summing to 1), which
+  AutoAttack also flags;
 - ``deterministic``: two eval-mode forward passes of one batch give identical logits.
+
+Robust accuracies count an example only when it is classified correctly clean as well.
 
 "Beyond noise" is a tolerance of ``tolerance`` (a fraction of the checked examples, at least one).
 """
@@ -38,11 +42,16 @@ def _status(ok: bool) -> str:
     return "pass" if ok else "warning"
 
 
+def _robust_acc(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of examples classified correctly both clean and on their adversarial example."""
+    with torch.no_grad():
+        return ((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)).float().mean().item()
+
+
 def _pgd_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
              generator: torch.Generator) -> float:
     x_adv = pgd(model, x, y, eps, 2.5 * eps / steps, steps, True, generator, prefer_misclassified=True)
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
+    return _robust_acc(model, x, x_adv, y)
 
 
 def check_order(clean: float, pgd_acc: float, autoattack: float | None, tol: float) -> Check:
@@ -73,10 +82,9 @@ def check_black_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                     cfg: MaskingConfig, seed: int, tol: float) -> Check:
     import torchattacks
 
-    square = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=cfg.square_queries, n_restarts=1, seed=seed)
-    x_adv = square(x, y)
-    with torch.no_grad():
-        acc = (model(x_adv).argmax(1) == y).float().mean().item()
+    square = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=cfg.square_queries, n_restarts=1, p_init=0.8,
+                                 resc_schedule=False, seed=seed)
+    acc = _robust_acc(model, x, square(x, y), y)
     return Check("black_box", _status(acc >= white_box - tol),
                  f"Square ({cfg.square_queries} queries) {acc:.3f} vs white-box {white_box:.3f}")
 
@@ -94,6 +102,18 @@ def check_gradients(model: nn.Module, x: torch.Tensor) -> Check:
                  f"{100 * nonzero:.1f} % of examples have a non-zero input gradient; finite: {finite}")
 
 
+def check_logits(model: nn.Module, x: torch.Tensor, alpha: float = 1e-5) -> Check:
+    """Outputs that are a probability distribution (all in [0, 1], rows summing to 1) instead of logits
+    saturate the attacks' losses; AutoAttack flags the same (fra31/auto-attack ``checks.check_range_output``)."""
+    with torch.no_grad():
+        out = model(x)
+    probabilities = bool(out.max() < 1 + alpha and out.min() > -alpha and ((out.sum(-1) - 1).abs() < alpha).all())
+    return Check("logits", _status(not probabilities),
+                 f"outputs in [{out.min().item():.3g}, {out.max().item():.3g}], row sums "
+                 f"[{out.sum(-1).min().item():.3g}, {out.sum(-1).max().item():.3g}]; "
+                 f"probabilities rather than logits: {probabilities}")
+
+
 def check_deterministic(model: nn.Module, x: torch.Tensor) -> Check:
     with torch.no_grad():
         first, second = model(x), model(x)
@@ -104,7 +124,7 @@ def check_deterministic(model: nn.Module, x: torch.Tensor) -> Check:
 
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, clean: float, pgd_acc: float,
                autoattack: float | None, cfg: MaskingConfig, seed: int) -> list[Check]:
-    """All six checks on images ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,), model in eval mode.
+    """All seven checks on images ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,), model in eval mode.
 
     ``clean``, ``pgd_acc`` and ``autoattack`` are the final evaluation's accuracies (fractions); the
     other checks attack ``x`` themselves (typically the first ``cfg.n_examples`` test examples).
@@ -120,6 +140,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, c
         check_more_steps(model, x, y, eps, cfg, generator, tol),
         check_black_box(model, x, y, eps, white_box, cfg, seed, tol),
         check_gradients(model, x),
+        check_logits(model, x),
         check_deterministic(model, x),
     ]
     model.train(was_training)

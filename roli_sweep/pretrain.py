@@ -57,7 +57,7 @@ def pretrain(cfg: PretrainConfig, on_epoch: Callable[[dict[str, float]], None] |
     model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
     training_attack = cfg.attack if cfg.adversarial else cfg.attack.model_copy(update={"steps": 0})
     loader = make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed, device=runtime.device)
-    optimizer = make_optimizer(list(model.parameters()), cfg.train)
+    optimizer = make_optimizer(model, cfg.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train, len(loader)))
     val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=cfg.seed, device=runtime.device)
     eval_attack = evaluation_attack(cfg.attack, cfg.eval)

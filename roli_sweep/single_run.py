@@ -32,7 +32,7 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
 
     Returns:
         The trial's summary metrics (best-epoch val accuracies, test accuracies, probe accuracies),
-        plus ``test_pgd_acc`` / ``test_autoattack_acc`` from the final evaluation.
+        plus ``final_pgd_acc`` / ``final_autoattack_acc`` from the final evaluation.
 
     Raises:
         Whatever the trial raises, after tagging the run ``failed``.
@@ -106,7 +106,7 @@ def train_seeds(cfg: TrialConfig, config_path: Path, seeds: int, paired: bool, t
             run_cfg = apply_overrides(cfg, {"seed": seed, "finetune.head_init": init})
             console.print(f"[bold]seed {seed}, head_init {init}[/]")
             results[init][seed] = train_logged(run_cfg, config_path, tracking_uri, experiment, console, final_eval)
-    keys = [k for k in ("val_robust_acc", "test_clean_acc", "test_robust_acc", "test_pgd_acc", "test_autoattack_acc")
+    keys = [k for k in ("val_robust_acc", "test_clean_acc", "test_robust_acc", "final_pgd_acc", "final_autoattack_acc")
             if all(k in m for runs in results.values() for m in runs.values())]
     table = Table(title=f"{config_path.name}: {seeds} seeds, % mean ± std")
     table.add_column("")

@@ -56,6 +56,8 @@ class Cell:
     own: dict[str, dict[str, Stat]]  # head_init -> metric -> Stat
     diff_own: dict[str, Stat]  # metric -> paired RoLI - RanLI at own lrs
     diff_matched: dict[str, Stat]  # metric -> paired RoLI - RanLI at the matched lr
+    own_held_out: dict[str, dict[str, Stat]]  # as ``own``, over the seeds that did not choose the lr
+    diff_held_out: dict[str, Stat]  # as ``diff_own``, over the seeds that did not choose the lr
 
 
 @dataclass
@@ -94,8 +96,13 @@ def collect_cells(study: StudyConfig, state: StudyState) -> list[Cell]:
         matched = {init: _seed_metrics(study, state, backbone, target, method, init, choice.matched)
                    for init in study.head_inits}
         own = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS} for init, runs in own_runs.items()}
+        # the selection seed chose each lr on val: its test numbers are not independent of that choice
+        held_out = {init: {s: m for s, m in runs.items() if s != study.seeds[0]} for init, runs in own_runs.items()}
+        own_held_out = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS}
+                        for init, runs in held_out.items()}
         cells.append(Cell(backbone, target, method, choice, own, _paired(own_runs["roli"], own_runs["random"]),
-                          _paired(matched["roli"], matched["random"])))
+                          _paired(matched["roli"], matched["random"]), own_held_out,
+                          _paired(held_out["roli"], held_out["random"])))
     return cells
 
 
@@ -155,7 +162,8 @@ def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str]
     for scope in ("all", *study.backbones):
         chosen = [c for c in cells if scope == "all" or c.backbone == scope]
         parts = []
-        for label, attr in (("own lr", "diff_own"), ("matched lr", "diff_matched")):
+        for label, attr in (("own lr", "diff_own"), ("own lr, held-out seeds", "diff_held_out"),
+                            ("matched lr", "diff_matched")):
             for metric in METRICS:
                 means = [getattr(c, attr)[metric].mean for c in chosen if getattr(c, attr)[metric].n]
                 if not means:
@@ -185,9 +193,9 @@ def final_table(study: StudyConfig, state: StudyState) -> tuple[list[str], dict[
         m = record["metrics"]
         bad = [name for name, status, _ in record["checks"] if status != "pass"]
         warned += bool(bad)
-        aa = m.get("test_autoattack_acc")
+        aa = m.get("final_autoattack_acc")
         rows.append(f"| {key.backbone} | {key.target} | {key.method} | {'RoLI' if key.head_init == 'roli' else 'RanLI'} "
-                    f"| {100 * m['test_clean_acc']:.1f} | {100 * m['test_pgd_acc']:.1f} | "
+                    f"| {100 * m['final_clean_acc']:.1f} | {100 * m['final_pgd_acc']:.1f} | "
                     f"{'-' if aa is None else f'{100 * aa:.1f}'} | {'pass' if not bad else 'warning: ' + ', '.join(bad)} |")
     if not rows:
         return [], {}
@@ -258,6 +266,22 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
             f"{o['test_robust_acc'].pct()} | {c.diff_own['test_clean_acc'].pct(True)} | "
             f"{c.diff_own['test_robust_acc'].pct(True)} | {_lr(c.choice.matched)} | "
             f"{c.diff_matched['test_clean_acc'].pct(True)} | {c.diff_matched['test_robust_acc'].pct(True)} | "
+            f"{min(r['test_robust_acc'].n, o['test_robust_acc'].n)} |")
+    held_out = study.seeds[1:]
+    lines += [
+        "",
+        f"## Finetuning on the seeds that did not choose the lr ({held_out}; test, % mean ± std, own lr)",
+        "",
+        "| backbone | target | method | RanLI clean | RanLI robust | RoLI clean | RoLI robust | Δ clean | Δ robust "
+        "| seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        r, o = c.own_held_out["random"], c.own_held_out["roli"]
+        lines.append(
+            f"| {c.backbone} | {c.target} | {c.method} | {r['test_clean_acc'].pct()} | {r['test_robust_acc'].pct()} | "
+            f"{o['test_clean_acc'].pct()} | {o['test_robust_acc'].pct()} | "
+            f"{c.diff_held_out['test_clean_acc'].pct(True)} | {c.diff_held_out['test_robust_acc'].pct(True)} | "
             f"{min(r['test_robust_acc'].n, o['test_robust_acc'].n)} |")
     final_lines, final_summary = final_table(study, state)
     text, summary = findings(study, cells, probes)

@@ -143,8 +143,8 @@ def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, par
             continue
         m = final["metrics"]
         masking = masking_tags([Check(*c) for c in final["checks"]])["masking"]
-        lines.append(f"| {trial_id} | {m['test_clean_acc']:.4f} | {m['test_pgd_acc']:.4f} | "
-                     f"{m.get('test_autoattack_acc', float('nan')):.4f} | {masking} |")
+        lines.append(f"| {trial_id} | {m['final_clean_acc']:.4f} | {m['final_pgd_acc']:.4f} | "
+                     f"{m.get('final_autoattack_acc', float('nan')):.4f} | {masking} |")
         if rank == 0:
             final_eval_record(parent_run_id, client, {**final, "metrics": {f"best_final_{k}": v for k, v in m.items()}})
     if finals:

@@ -75,11 +75,26 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, dev
                       pin_memory=device.type == "cuda")
 
 
-def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW at the stage's peak lr and weight decay, exactly as configured."""
+def parameter_groups(model: nn.Module, stage: StageConfig) -> list[dict]:
+    """The trainable parameters of ``model`` in two optimiser groups: with ``stage.weight_decay``, and with
+    weight decay 0 for those whose name contains one of ``stage.no_weight_decay`` (biases, norms, ...).
+    Empty groups are left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(part in name for part in stage.no_weight_decay) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the trainable parameters of ``model`` at the stage's peak lr,
+    exactly as configured whatever the weight decay (the RoLI reference silently switched to SGD when
+    it was 0), with the groups of :func:`parameter_groups`."""
+    groups = parameter_groups(model, stage)
     if stage.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
-    return torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum)
+    return torch.optim.AdamW(groups, lr=stage.lr)
 
 
 def warmup_cosine(stage: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -94,6 +109,16 @@ def warmup_cosine(stage: StageConfig, steps_per_epoch: int) -> Callable[[int], f
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def set_train_modes(model: nn.Module, train_modules: list[nn.Module] | None) -> None:
+    """``model.train()``, or eval mode for all but ``train_modules`` (their own flag only)."""
+    if train_modules is None:
+        model.train()
+        return
+    model.eval()
+    for module in train_modules:
+        module.training = True
 
 
 @dataclass
@@ -113,7 +138,7 @@ def adversarial_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     attack: AttackConfig,
     runtime: Runtime,
-    train_part: nn.Module | None = None,
+    train_modules: list[nn.Module] | None = None,
 ) -> EpochStats:
     """Train one epoch on PGD adversarial examples of every batch (attack computed in eval mode).
 
@@ -121,14 +146,12 @@ def adversarial_epoch(
         loader: batches of images (B, C, H, W) in [0, 1] and labels (B,).
         attack: the training threat model (eps, steps, step size, random start).
         runtime: device, attack RNG and autocast dtype.
-        train_part: only this submodule runs in train mode, the rest in eval mode (linear probing:
-            the frozen backbone's dropout / drop-path stay off). None = the whole model.
+        train_modules: only these modules (each one itself, not its children) run in train mode, the
+            rest in eval mode, so a frozen backbone's dropout, drop-path and BatchNorm statistics stay
+            off while it is finetuned around (RoLI reference, ``src/models/vit_models.py``). None = the
+            whole model.
     """
-    if train_part is None:
-        model.train()
-    else:
-        model.eval()
-        train_part.train()
+    set_train_modes(model, train_modules)
     step = step_size(attack, attack.steps)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -161,7 +184,11 @@ def evaluate(
     steps: int,
     runtime: Runtime,
 ) -> tuple[float, float]:
-    """Clean accuracy and PGD-``steps`` robust accuracy at ``attack.eps``, model in eval mode.
+    """Clean accuracy and PGD-``steps`` robust accuracy at ``attack.eps``, model in eval mode, in fp32.
+
+    An example counts as robust only if it is classified correctly clean and on its adversarial
+    example. The attack always runs in fp32, also when training uses bf16 autocast: model selection
+    and the reported numbers never see an attack weakened by reduced precision.
 
     Returns:
         ``(clean_acc, robust_acc)``, fractions in [0, 1].
@@ -172,11 +199,11 @@ def evaluate(
     clean, robust, seen = 0, 0, 0
     for x, y in loader:
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        with runtime.autocast():
-            clean += _correct(model, x, y).sum().item()
-            x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, runtime.generator,
-                        prefer_misclassified=True)
-            robust += _correct(model, x_adv, y).sum().item()
+        correct = _correct(model, x, y)
+        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, runtime.generator,
+                    prefer_misclassified=True)
+        clean += correct.sum().item()
+        robust += (correct & _correct(model, x_adv, y)).sum().item()
         seen += len(y)
     model.train(was_training)
     return clean / seen, robust / seen

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch import nn
 from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
-from roli_sweep.models.methods import apply_method, freeze_all_but_head, trainable_parameter_count
+from roli_sweep.models.methods import METHODS, apply_method, freeze_all_but_head, trainable_parameter_count
 from roli_sweep.train import Runtime, adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, warmup_cosine
 
 OnEpoch = Callable[[str, dict[str, float]], None]
@@ -56,24 +57,45 @@ def seed_everything(seed: int) -> None:
 
 
 def _state_of(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """A detached copy of the named parameters and of every buffer."""
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    params.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    return params
+    """A detached copy of the named parameters and of every persistent buffer, as ``state_dict()`` holds them.
+
+    Non-persistent buffers (Swin's ``relative_position_index`` and ``attn_mask``) are not in
+    ``state_dict()`` and are rebuilt by the model itself, so they are never saved (torch
+    ``Module.register_buffer(persistent=False)``); the same code serves every timm model.
+    """
+    parameters = {n for n, _ in model.named_parameters()}
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names or n not in parameters}
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load what :func:`_state_of` saved: exactly the trainable parameters and persistent buffers of ``model``.
+
+    Raises:
+        RuntimeError: ``state`` holds keys the model does not have, or lacks one of its trainable
+            parameters or persistent buffers (names the first few).
+    """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    parameters = {n for n, _ in model.named_parameters()}
+    expected = {n for n in model.state_dict() if n in trainable or n not in parameters}
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(expected - set(state))
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"{source} does not fit the model: unexpected {result.unexpected_keys[:5]}, "
+                           f"missing {missing[:5]}")
 
 
 class _Stage:
     """Runs the epochs of one stage and remembers the trainable state of the best robust epoch."""
 
     def __init__(self, model: nn.Module, stage: StageConfig, cfg: TrialConfig, splits: DataSplits,
-                 runtime: Runtime, seed: int, train_part: nn.Module | None = None) -> None:
-        self.model, self.stage, self.cfg, self.runtime, self.train_part = model, stage, cfg, runtime, train_part
+                 runtime: Runtime, seed: int, train_modules: list[nn.Module] | None = None) -> None:
+        self.model, self.stage, self.cfg, self.runtime = model, stage, cfg, runtime
+        self.train_modules = train_modules
         self.eval_attack = evaluation_attack(cfg.attack, cfg.eval)
         self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed, device=runtime.device)
         self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed, device=runtime.device)
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, stage)
+        self.optimizer = make_optimizer(model, stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(stage, len(self.train_loader)))
         self.best: dict[str, float] = {"val_robust_acc": -1.0}
         self.best_state: dict[str, torch.Tensor] = {}
@@ -81,7 +103,7 @@ class _Stage:
     def epochs(self) -> Iterator[dict[str, float]]:
         for epoch in range(1, self.stage.epochs + 1):
             stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
-                                      self.cfg.attack, self.runtime, self.train_part)
+                                      self.cfg.attack, self.runtime, self.train_modules)
             clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
                                      self.runtime)
             metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
@@ -95,9 +117,7 @@ class _Stage:
             yield metrics
 
     def restore_best(self) -> None:
-        result = self.model.load_state_dict(self.best_state, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"best-epoch state does not fit the model: {result.unexpected_keys[:5]}")
+        _load_state(self.model, self.best_state, "best-epoch state")
 
 
 @dataclass
@@ -144,14 +164,53 @@ def prepare(cfg: TrialConfig) -> Prepared:
     model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
     # fail now, not after the whole probe stage, if the method does not fit this backbone
     apply_method(copy.deepcopy(model), cfg.finetune.method, cfg.finetune.method_params)
+    if cfg.finetune.random_head_init == "reference":
+        reference_head_init(model.head)
     initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     return Prepared(model, splits, runtime, initial_head)
+
+
+REFERENCE_HEAD_PRIOR = 0.01
+"""The class prior the RoLI reference's head bias encodes (``special_bias`` in its ``src/models/mlp.py``)."""
+
+
+def reference_head_init(head: nn.Module) -> None:
+    """Initialise a linear head as the RoLI reference code does (``MLP`` in its ``src/models/mlp.py``,
+    with ``MLP_NUM = 0``): weight (K, D) from ``kaiming_normal_(mode='fan_out')``, i.e. normal with std
+    ``sqrt(2 / K)``; every bias entry ``-ln((1 - 0.01) / 0.01)`` (about -4.595).
+
+    Raises:
+        TypeError: ``head`` is not an ``nn.Linear``.
+    """
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"the reference head init is for a linear head, not {type(head).__name__}")
+    with torch.no_grad():
+        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+        if head.bias is not None:
+            head.bias.fill_(-math.log((1 - REFERENCE_HEAD_PRIOR) / REFERENCE_HEAD_PRIOR))
+
+
+def finetune_train_modules(cfg: TrialConfig, model: nn.Module, backbone_modules: set[nn.Module]) -> list[nn.Module] | None:
+    """The modules that run in train mode during finetuning (None = all), per ``finetune.backbone_mode``.
+
+    ``eval`` (the reference's choice for every method that freezes the backbone): the backbone's
+    own modules (``backbone_modules``, taken before the method was applied) run in eval mode, so its
+    dropout, drop-path and BatchNorm statistics stay as the probe saw them; the modules the method
+    added (LoRA layers, adapters, prompts) and the head run in train mode.
+    """
+    mode = cfg.finetune.backbone_mode
+    if mode == "auto":
+        mode = "eval" if METHODS[cfg.finetune.method].freezes_backbone else "train"
+    if mode == "train":
+        return None
+    return [m for m in model.modules() if m not in backbone_modules]
 
 
 def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutcome:
     """Stage 1: adversarial linear probing of the frozen backbone; leaves the best head in the model."""
     freeze_all_but_head(prep.model)
-    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed, train_part=prep.model.head)
+    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed,
+                   train_modules=list(prep.model.head.modules()))
     for metrics in probe.epochs():
         on_epoch("probe", metrics)
     probe.restore_best()
@@ -206,9 +265,7 @@ def load_trained(cfg: TrialConfig, state_file: Path) -> tuple[nn.Module, DataSpl
     prep.model.to(prep.runtime.device)
     with safe_open(str(state_file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    result = prep.model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"{state_file} does not fit the model of this config: {result.unexpected_keys[:5]}")
+    _load_state(prep.model, state, str(state_file))
     return prep.model.eval(), prep.splits, prep.runtime.device
 
 
@@ -246,10 +303,12 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     seed_everything(cfg.seed + 1)  # stage 2 does not depend on whether stage 1 ran here
     prep.runtime.generator.manual_seed(cfg.seed + 1)
     init_finetune_head(cfg, prep, probe)
+    backbone_modules = set(prep.model.modules()) - set(prep.model.head.modules())
     apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
     prep.model.to(prep.runtime.device)
     constants = {**probe.metrics, "trainable_params": trainable_parameter_count(prep.model)}
-    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1)
+    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1,
+                      finetune_train_modules(cfg, prep.model, backbone_modules))
     final: dict[str, float] = {}
     for metrics in finetune.epochs():
         metrics.update(constants)

@@ -77,6 +77,11 @@ def ray_runtime():
     """A real local Ray runtime with 2 CPUs for the whole session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # workers import tests.preset_data (for the hook below) from the repository root
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    # every worker trusts the small CIFAR files the preset tests write (tests/preset_data.py)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "tests.preset_data.trust_test_cifar"})
     yield ray
     ray.shutdown()

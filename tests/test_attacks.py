@@ -71,3 +71,42 @@ def test_evaluation_prefers_a_misclassified_iterate():
         wrong_error = (model(by_error).argmax(1) != y)
     assert (wrong_error | ~wrong_loss).all(), "every example broken by the loss criterion stays broken"
     assert wrong_error.sum() >= wrong_loss.sum()
+
+
+class WrongOnlyWhenClean(nn.Module):
+    """Predicts the label 1 everywhere except exactly on the clean image ``x0``: wrong clean, right under attack."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moved = (x - self.x0).abs().flatten(1).sum(1)  # (B,)
+        return torch.stack([torch.full_like(moved, 0.5), 1000 * moved], dim=1)  # (B, 2)
+
+
+def test_robust_accuracy_counts_only_clean_correct_examples():
+    from roli_sweep.config import AttackConfig
+    from roli_sweep.train import Runtime, evaluate, make_loader
+
+    x0 = torch.rand(1, 1, 8, 8)
+    model = WrongOnlyWhenClean(x0)
+    loader = make_loader(torch.utils.data.TensorDataset(x0, torch.tensor([1])), 1, False, 0, torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(x0).argmax(1).item() == 0 and model(x0 + 0.01).argmax(1).item() == 1
+    clean, robust = evaluate(model, loader, AttackConfig(eps=0.1, steps=1, step_size=0.01), 1, runtime)
+    assert (clean, robust) == (0.0, 0.0)
+
+
+def test_validation_attacks_run_in_fp32_under_bf16_training():
+    from roli_sweep.config import AttackConfig
+    from roli_sweep.train import Runtime, evaluate, make_loader
+
+    model = _model().eval()
+    dtypes = []
+    model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    data = torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    runtime = Runtime(torch.device("cpu"), torch.Generator().manual_seed(0), torch.bfloat16)
+    evaluate(model, make_loader(data, 8, False, 0, torch.device("cpu")), AttackConfig(eps=0.1, steps=2), 2, runtime)
+    assert dtypes and set(dtypes) == {torch.float32}

@@ -73,7 +73,9 @@ MALFORMED = [
     ("parameters/finetune.lr", {"values": [0.1], "distribution": "uniform", "min": 0, "max": 1}, "parameters.finetune.lr"),
     ("parameters/finetune.lr", {"distribution": "normal", "min": 0, "max": 1}, "parameters.finetune.lr.distribution"),
     ("parameters/finetune.lr", {"values": [0.001, -1.0]}, "parameters.finetune.lr"),
-    ("parameters/attack.eps", {"values": ["8/255", 1.5]}, "parameters.attack.eps"),
+    ("parameters/attack.step_size", {"values": ["2/255", 1.5]}, "parameters.attack.step_size"),
+    # one threat model for every trial: sampling the training eps needs a fixed evaluation eps
+    ("parameters/attack.eps", {"values": ["8/255", "12/255"]}, "samples 'attack.eps' while 'base.eval.eps' is unset"),
     ("parameters/finetune.method_params.r", {"values": [0, 4]}, "parameters.finetune.method_params.r"),
     ("parameters/finetune.epochs", {"values": [1, 2]}, "finetune.epochs"),
     ("parameters/finetune.method_params.r", {"distribution": "uniform", "min": 2, "max": 8},

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from roli_sweep.config import FinalEvalConfig, MaskingConfig
-from roli_sweep.final_eval import final_evaluate
+from roli_sweep.final_eval import final_evaluate, threat_model
 from roli_sweep.masking import masking_tags, run_checks
 from roli_sweep.train import Runtime
 
@@ -101,8 +101,8 @@ def test_final_evaluation_orders_attacks_and_resumes(tmp_path, digits_linear):
     full = final_evaluate(model, test, cfg, 0.05, 10, runtime, seed=1, state_path=state)
     m = full.metrics()
     assert full.threat.n_examples == 20 and len(full.clean) == 20 and full.threat.autoattack == "standard"
-    assert m["test_autoattack_acc"] <= m["test_pgd_acc"] <= m["test_clean_acc"]
-    assert m["test_clean_acc"] > 0.5 and m["test_pgd_acc"] < m["test_clean_acc"]
+    assert m["final_autoattack_acc"] <= m["final_pgd_acc"] <= m["final_clean_acc"]
+    assert m["final_clean_acc"] > 0.5 and m["final_pgd_acc"] < m["final_clean_acc"]
 
     # interrupted after the first batch: the resumed run recomputes only the rest and gives the same outcomes
     saved = json.loads(state.read_text())
@@ -116,3 +116,55 @@ def test_final_evaluation_orders_attacks_and_resumes(tmp_path, digits_linear):
 
     with pytest.raises(ValueError, match="threat model"):
         final_evaluate(model, test, cfg, 0.1, 10, runtime, seed=1, state_path=state)
+
+
+def test_autoattack_components_carry_the_published_settings():
+    """Standard AutoAttack as published (Croce & Hein, ICML 2020; fra31/auto-attack): APGD-CE 100 iterations,
+    APGD-T 100 x 9 targets, FAB-T 100 x 9 targets, Square 5000 queries without the rescaled schedule,
+    in that order; K - 1 targets when K <= 10; anything else labelled custom."""
+    import torchattacks
+
+    from roli_sweep.autoattack import build_autoattack
+    from roli_sweep.config import AutoAttackConfig
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100))
+    published = AutoAttackConfig()
+    attack = build_autoattack(model, 8 / 255, 100, published, seed=0)
+    apgd, apgdt, fab, square = attack.attacks
+    assert isinstance(attack, torchattacks.MultiAttack)
+    assert [type(a) for a in attack.attacks] == [torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB,
+                                                 torchattacks.Square]
+    assert (apgd.steps, apgd.n_restarts, apgd.loss, apgd.eps) == (100, 1, "ce", 8 / 255)
+    assert (apgdt.steps, apgdt.n_restarts, apgdt.n_target_classes) == (100, 1, 9)
+    assert (fab.steps, fab.n_restarts, fab.multi_targeted, fab.n_target_classes) == (100, 1, True, 9)
+    assert (square.n_queries, square.p_init, square.rescale_schedule, square.n_restarts) == (5000, 0.8, False, 1)
+    five = build_autoattack(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), 8 / 255, 5, published, seed=0)
+    assert five.attacks[1].n_target_classes == five.attacks[2].n_target_classes == 4
+    params = threat_model(FinalEvalConfig(), 8 / 255, 100, (3, 32, 32), 100).params()
+    assert {k: v for k, v in params.items() if k.startswith("final_eval.autoattack")} == {
+        "final_eval.autoattack.version": "standard", "final_eval.autoattack.apgd_steps": "100",
+        "final_eval.autoattack.fab_steps": "100", "final_eval.autoattack.target_classes": "9",
+        "final_eval.autoattack.square_queries": "5000"}
+    assert AutoAttackConfig(apgd_steps=10).version == "custom"
+
+
+def test_autoattack_attacks_only_clean_correct_examples(digits_linear):
+    from roli_sweep.autoattack import autoattack_robust
+    from roli_sweep.config import AutoAttackConfig
+
+    model, x, y = digits_linear
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    cfg = AutoAttackConfig(apgd_steps=5, fab_steps=5, target_classes=2, square_queries=10)
+    robust = autoattack_robust(model, x, y, 0.1, 10, cfg, seed=0)
+    hook.remove()
+    assert not correct.all() and not (robust & ~correct).any()
+    assert max(seen[1:]) <= int(correct.sum()), "misclassified examples are never attacked"
+
+
+def test_probabilities_instead_of_logits_are_flagged(digits_linear):
+    model, x, y = digits_linear
+    checks = _checks(nn.Sequential(model, nn.Softmax(dim=1)), x, y)
+    assert checks["logits"].status == "warning", checks["logits"].detail

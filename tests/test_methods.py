@@ -20,17 +20,33 @@ def _intended(name: str, method: str, original: set[str]) -> bool:
     if method == "full":
         return True
     if method == "bias":
-        return name.endswith(".bias") and name in original
-    # lora, adapter, prompt, peft: exactly the parameters they add (peft renames wrapped layers' own
+        return "bias" in name and name in original  # Swin's relative_position_bias_table too (the reference's BitFit)
+    if method == "prompt":
+        return name.endswith(".prompts")
+    # lora, adapter, peft: exactly the parameters they add (peft renames wrapped layers' own
     # weights to ``<layer>.base_layer.*``; those stay frozen)
     return name not in original and ".base_layer." not in name
 
 
+SWIN = BackboneConfig(name="swin_base_patch4_window7_224", mean=[0.5] * 3, std=[0.5] * 3, input_size=56, kwargs={
+    "img_size": 56, "embed_dim": 8, "depths": [2], "num_heads": [2], "window_size": 7, "drop_path_rate": 0.0})
+"""A scaled-down Swin-B (the paper's backbone family): one stage of two blocks on 14x14 tokens (4 windows of
+7x7), the second with shifted windows."""
+
+
+def _backbone(arch: str, tiny_weights) -> torch.nn.Module:
+    if arch == "swin":
+        return build_backbone(SWIN, num_classes=4)
+    return build_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=TINY_KWARGS, weights=str(tiny_weights)),
+                          num_classes=4)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_only_intended_parameters_change(method, tiny_weights):
+def test_only_intended_parameters_change(method, arch, tiny_weights):
     torch.manual_seed(0)
-    model = build_backbone(BackboneConfig(name="vit_tiny_patch16_224", kwargs=TINY_KWARGS,
-                                          weights=str(tiny_weights)), num_classes=4)
+    model = _backbone(arch, tiny_weights)
+    channels = 3 if arch == "swin" else 1
     original = {n for n, _ in model.named_parameters()}
     apply_method(model, method, METHODS[method].Params().model_dump())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -38,14 +54,17 @@ def test_only_intended_parameters_change(method, tiny_weights):
     assert trainable == {n for n in before if _intended(n, method, original)}
     assert method == "linear" or trainable - {"net.head.weight", "net.head.bias"}
     assert trainable_parameter_count(model) == sum(before[n].numel() for n in trainable)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    # Adam moves every parameter with a non-zero gradient by about lr, however small the gradient
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    x, y = torch.rand(16, channels, 8, 8), torch.randint(0, 4, (16,))
     for _ in range(2):  # two steps: LoRA's A (adapter's down) only gets a gradient once B (up) has left zero
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
+    if arch == "swin" and method == "bias":
+        assert any("relative_position_bias_table" in n for n in trainable)
 
 
 def test_lora_starts_as_identity_with_random_a_and_zero_b(tiny_weights):
@@ -82,6 +101,36 @@ def test_adapter_and_prompt_keep_output_shape_and_adapter_starts_as_identity(tin
         else:
             assert not torch.allclose(out, plain(x)), "prompts change the features"
             assert torch.equal(adapted(x), out), "no prompt dropout in eval mode"
+
+
+def test_swin_prompts_join_every_window_attention():
+    """Prompted window attention = timm's window attention over [prompts; window] keys, for the window tokens.
+
+    Checked per block against a plain re-computation, in the unshifted and the shifted (masked) block.
+    """
+    from roli_sweep.models.methods.prompt import PromptedWindowAttention
+
+    torch.manual_seed(0)
+    model = build_backbone(SWIN, num_classes=4)
+    apply_method(model, "prompt", {"length": 3})
+    model.eval()
+    blocks = model.net.layers[0].blocks
+    assert all(isinstance(b.attn, PromptedWindowAttention) for b in blocks) and any(blocks[1].shift_size)
+    for block in blocks:
+        wrapped, attn = block.attn, block.attn.attn
+        x = torch.randn(2 * 4, attn.window_area, 8)  # (nW * B, N, C): 4 windows of 7x7 at 14x14 tokens
+        mask = block.attn_mask  # None without shift, (nW, N, N) with
+        tokens = torch.cat([wrapped.prompts.expand(len(x), -1, -1), x], dim=1)
+        q, k, v = attn.qkv(tokens).reshape(len(x), 3 + attn.window_area, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale  # (nW*B, heads, L + N, L + N)
+        logits[..., 3:, 3:] += attn._get_rel_pos_bias()[0]
+        if mask is not None:
+            logits = logits.view(2, 4, 2, 3 + attn.window_area, -1)
+            logits[..., 3:, 3:] += mask.unsqueeze(1)
+            logits = logits.view(8, 2, 3 + attn.window_area, -1)
+        expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(8, 3 + attn.window_area, -1))[:, 3:]
+        with torch.no_grad():
+            assert torch.allclose(wrapped(x, mask), expected, atol=1e-5)
 
 
 def test_prompt_refuses_backbones_without_tokens():

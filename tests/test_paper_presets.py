@@ -1,112 +1,194 @@
-"""Every paper preset loads, builds its model (random weights) and takes one adversarial step.
+"""The paper presets: they state the RoLI reference's settings, and each runs a whole sweep at small scale.
 
-The presets' checkpoints are the users' files, so ``backbone.weights`` is set to None here; all else
-is validated exactly as shipped, so no preset can rot.
+The whole run uses a preset as shipped with a few changes: the Swin-B is scaled down (same timm
+family and code path, 2 stages of 1 block, width 16, 56 px, random weights: the presets' checkpoints
+are the users' files), the data are small files in the preset's own on-disk format at the dataset's
+native resolution (CIFAR 32 px, resized inside the model as the preset does), and epochs, sizes and
+the final evaluation's attacks are cut. Then, as a user would: the sweep (stage-1 probe, 2 finetune
+epochs, restore best, test, save the trained state; the final evaluation rebuilds it with
+``load_trained``), ``export``, and ``train --config`` on the exported file.
+
+By default one preset per (data format x method) runs (CIFAR-10, CIFAR-100 and the JSON image lists
+are the formats; every preset is Swin-B); ``-m paper_presets`` runs all 30 (``.ci/run`` does).
 """
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 import yaml
+from mlflow.tracking import MlflowClient
 
-from roli_sweep.attacks import pgd
-from roli_sweep.config import BackboneConfig, parse_search_space
-from roli_sweep.models.backbone import build_backbone
-from roli_sweep.models.methods import apply_method
-from roli_sweep.train import make_optimizer
+from roli_sweep.cli import main
+from roli_sweep.config import parse_search_space
+from tests.conftest import write_yaml
+from tests.preset_data import CIFAR, IMAGE_LISTS, trust_test_cifar, write_cifar, write_image_list
 
 PAPER = Path(__file__).resolve().parent.parent / "search_spaces" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
-CLASSES = {"cifar10": 10, "cifar100": 100, "caltech256": 257, "cub200": 200, "stanford_dogs": 120}
 EPOCHS = {"cifar10": 20, "cifar100": 20, "caltech256": 40, "cub200": 60, "stanford_dogs": 40}
 METHODS = ("linear", "full", "lora", "adapter", "prompt", "bias")
-# Reference stage-2 (lr, weight decay) per (method, dataset) and head init, from the RoLI code's
-# configs/ (github.com/DongXzz/RoLI, commit e955131; linear and VPT have RanLI files only).
+LR_SCALE = 64 / 256
+"""The reference scales its BASE_LR by batch size / 256 (its train.py); the presets state the scaled lr."""
+# Reference stage-2 (BASE_LR, WEIGHT_DECAY) per (method, dataset) and head init, from the RoLI code's
+# configs/ (github.com/DongXzz/RoLI, commit 5f34b8f; linear and VPT have RanLI files only).
 REF = {
- ("adapter","caltech256"): {"ranli": (0.005, 0.0001), "roli": (0.0005, 0.0)},
- ("adapter","cifar10"): {"ranli": (0.05, 0.01), "roli": (0.05, 0.01)},
- ("adapter","cifar100"): {"ranli": (0.005, 0.0001), "roli": (0.05, 0.0001)},
- ("adapter","cub200"): {"ranli": (0.05, 0.0001), "roli": (0.05, 0.001)},
- ("adapter","stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.0001, 0.0001)},
- ("bias","caltech256"): {"ranli": (0.001, 0.01), "roli": (0.00001, 0.0)},
- ("bias","cifar10"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.001)},
- ("bias","cifar100"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.01)},
- ("bias","cub200"): {"ranli": (0.005, 0.001), "roli": (0.0005, 0.0001)},
- ("bias","stanford_dogs"): {"ranli": (0.001, 0.0001), "roli": (0.00005, 0.0001)},
- ("full","caltech256"): {"ranli": (0.0005, 0.0001), "roli": (0.0001, 0.0001)},
- ("full","cifar10"): {"ranli": (0.0005, 0.01), "roli": (0.0001, 0.01)},
- ("full","cifar100"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.001)},
- ("full","cub200"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.01)},
- ("full","stanford_dogs"): {"ranli": (0.0005, 0.01), "roli": (0.00005, 0.001)},
- ("linear","caltech256"): {"ranli": (0.5, 0.01)},
- ("linear","cifar10"): {"ranli": (0.05, 0.01)},
- ("linear","cifar100"): {"ranli": (0.1, 0.001)},
- ("linear","cub200"): {"ranli": (1.0, 0.001)},
- ("linear","stanford_dogs"): {"ranli": (1.0, 0.01)},
- ("lora","caltech256"): {"ranli": (0.001, 0.0001), "roli": (0.0001, 0.0001)},
- ("lora","cifar10"): {"ranli": (0.01, 0.0001), "roli": (0.001, 0.0001)},
- ("lora","cifar100"): {"ranli": (0.05, 0.0), "roli": (0.001, 0.0001)},
- ("lora","cub200"): {"ranli": (0.005, 0.0001), "roli": (0.005, 0.0001)},
- ("lora","stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.001, 0.01)},
- ("prompt","caltech256"): {"ranli": (0.05, 0.001)},
- ("prompt","cifar10"): {"ranli": (0.5, 0.001)},
- ("prompt","cifar100"): {"ranli": (0.5, 0.01)},
- ("prompt","cub200"): {"ranli": (0.05, 0.001)},
- ("prompt","stanford_dogs"): {"ranli": (0.05, 0.0001)},
+ ("adapter", "caltech256"): {"ranli": (0.005, 0.0001), "roli": (0.0005, 0.0)},
+ ("adapter", "cifar10"): {"ranli": (0.05, 0.01), "roli": (0.05, 0.01)},
+ ("adapter", "cifar100"): {"ranli": (0.005, 0.0001), "roli": (0.05, 0.0001)},
+ ("adapter", "cub200"): {"ranli": (0.05, 0.0001), "roli": (0.05, 0.001)},
+ ("adapter", "stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.0001, 0.0001)},
+ ("bias", "caltech256"): {"ranli": (0.001, 0.01), "roli": (0.00001, 0.0)},
+ ("bias", "cifar10"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.001)},
+ ("bias", "cifar100"): {"ranli": (0.005, 0.001), "roli": (0.005, 0.01)},
+ ("bias", "cub200"): {"ranli": (0.005, 0.001), "roli": (0.0005, 0.0001)},
+ ("bias", "stanford_dogs"): {"ranli": (0.001, 0.0001), "roli": (0.00005, 0.0001)},
+ ("full", "caltech256"): {"ranli": (0.0005, 0.0001), "roli": (0.0001, 0.0001)},
+ ("full", "cifar10"): {"ranli": (0.0005, 0.01), "roli": (0.0001, 0.01)},
+ ("full", "cifar100"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.001)},
+ ("full", "cub200"): {"ranli": (0.0005, 0.001), "roli": (0.0001, 0.01)},
+ ("full", "stanford_dogs"): {"ranli": (0.0005, 0.01), "roli": (0.00005, 0.001)},
+ ("linear", "caltech256"): {"ranli": (0.5, 0.01)},
+ ("linear", "cifar10"): {"ranli": (0.05, 0.01)},
+ ("linear", "cifar100"): {"ranli": (0.1, 0.001)},
+ ("linear", "cub200"): {"ranli": (1.0, 0.001)},
+ ("linear", "stanford_dogs"): {"ranli": (1.0, 0.01)},
+ ("lora", "caltech256"): {"ranli": (0.001, 0.0001), "roli": (0.0001, 0.0001)},
+ ("lora", "cifar10"): {"ranli": (0.01, 0.0001), "roli": (0.001, 0.0001)},
+ ("lora", "cifar100"): {"ranli": (0.05, 0.0), "roli": (0.001, 0.0001)},
+ ("lora", "cub200"): {"ranli": (0.005, 0.0001), "roli": (0.005, 0.0001)},
+ ("lora", "stanford_dogs"): {"ranli": (0.005, 0.0001), "roli": (0.001, 0.01)},
+ ("prompt", "caltech256"): {"ranli": (0.05, 0.001)},
+ ("prompt", "cifar10"): {"ranli": (0.5, 0.001)},
+ ("prompt", "cifar100"): {"ranli": (0.5, 0.01)},
+ ("prompt", "cub200"): {"ranli": (0.05, 0.001)},
+ ("prompt", "stanford_dogs"): {"ranli": (0.05, 0.0001)},
 }
+SCALED_SWIN = {"img_size": 56, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 7}
+SCALED_SIDE = 56
+DEFAULT_RUN = {f"{d}_{m}" for d in ("cifar10", "cifar100", "cub200") for m in METHODS}
+"""One preset per (data format x method) in the default test run; the rest run under ``-m paper_presets``."""
 
+
+def _load(path: Path) -> dict:
+    tree = yaml.safe_load(path.read_text())
+    tree.setdefault("name", path.stem)
+    return tree
 
 
 def test_a_preset_for_every_dataset_and_method():
-    assert {p.stem for p in PRESETS} == {f"{d}_{m}" for d in CLASSES for m in METHODS}
-
-
-@lru_cache(maxsize=None)
-def _backbone(backbone_json: str, num_classes: int):
-    return build_backbone(BackboneConfig.model_validate_json(backbone_json), num_classes)
+    assert {p.stem for p in PRESETS} == {f"{d}_{m}" for d in EPOCHS for m in METHODS}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
-def test_preset_loads_builds_and_steps(path):
-    tree = yaml.safe_load(path.read_text())
-    tree["base"]["backbone"]["weights"] = None
-    tree.setdefault("name", path.stem)
+def test_preset_states_the_reference_setting(path):
+    tree = _load(path)
+    tree["base"]["backbone"]["weights"] = None  # the users' checkpoint file
     space = parse_search_space(tree, str(path))
     cfg = space.base
     dataset, method = cfg.data.name, cfg.finetune.method
     assert path.stem == f"{dataset}_{method}"
-    # the reference setting
     assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.steps == 7
     assert cfg.attack.step_size == pytest.approx(2 / 255)
-    assert (cfg.eval.val_steps, cfg.eval.test_steps) == (10, 20)
+    assert cfg.eval.eps == pytest.approx(8 / 255) and (cfg.eval.val_steps, cfg.eval.test_steps) == (10, 20)
     assert cfg.finetune.batch_size == 64 and cfg.finetune.epochs == EPOCHS[dataset]
-    assert space.resources.gpu > 0
-    refs = REF[(method, dataset)]
-    lr = space.parameters["finetune.lr"]
-    assert all(lr.min <= ref_lr <= lr.max for ref_lr, _ in refs.values())
-    wd = space.parameters.get("finetune.weight_decay")
-    assert {ref_wd for _, ref_wd in refs.values()} <= (set(wd.values) if wd else {cfg.finetune.weight_decay})
-    assert (cfg.probe.lr, cfg.probe.weight_decay, cfg.probe.optimizer) == (*REF[("linear", dataset)]["ranli"], "sgd")
     assert cfg.finetune.warmup_epochs == cfg.probe.warmup_epochs == 10
     assert space.scheduler.grace_period > cfg.finetune.warmup_epochs
-    assert cfg.backbone.name == ("vit_base_patch16_224" if method == "prompt" else "swin_base_patch4_window7_224")
+    assert space.resources.gpu > 0
+    # the reference's model: Swin-B everywhere (VPT too), drop-path 0.5, its head init and module modes
+    assert cfg.backbone.name == "swin_base_patch4_window7_224"
+    assert cfg.backbone.kwargs == {"drop_path_rate": 0.5}
+    assert cfg.finetune.random_head_init == "reference" and cfg.finetune.backbone_mode == "auto"
+    # the reference's optimisers: lr = BASE_LR x 64 / 256; SGD probe; AdamW with weight decay 0.01 (hard-coded)
+    # and no decay on names containing 'bias'; SGD without weight decay where its config says 0
+    probe_lr, probe_wd = REF[("linear", dataset)]["ranli"]
+    assert (cfg.probe.lr, cfg.probe.weight_decay, cfg.probe.optimizer) == (probe_lr * LR_SCALE, probe_wd, "sgd")
+    assert cfg.probe.no_weight_decay == cfg.finetune.no_weight_decay == ["bias"]
+    refs = REF[(method, dataset)]
+    lr = space.parameters["finetune.lr"]
+    assert all(lr.min < ref_lr * LR_SCALE < lr.max for ref_lr, _ in refs.values())
+    base_ref = refs["ranli"] if method == "linear" else refs.get("roli", refs["ranli"])
+    assert cfg.finetune.lr == pytest.approx(base_ref[0] * LR_SCALE)
+    if method == "linear":
+        assert (cfg.finetune.optimizer, cfg.finetune.weight_decay) == ("sgd", base_ref[1])
+    elif base_ref[1] == 0:
+        assert (cfg.finetune.optimizer, cfg.finetune.weight_decay) == ("sgd", 0.0)
+    else:
+        assert (cfg.finetune.optimizer, cfg.finetune.weight_decay) == ("adamw", 0.01)
+    if any(wd == 0 for _, wd in refs.values()) and method != "linear":
+        assert "falls back to SGD whenever weight decay is 0" in path.read_text()
 
-    model = copy.deepcopy(_backbone(cfg.backbone.model_dump_json(), CLASSES[dataset]))
-    apply_method(model, method, cfg.finetune.method_params)
-    side = cfg.data.image_size or 32  # CIFAR is attacked at its native 32x32
-    x, y = torch.rand(2, 3, side, side), torch.tensor([0, 1])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in trainable]
-    optimizer = make_optimizer(trainable, cfg.finetune)
-    x_adv = pgd(model, x, y, cfg.attack.eps, cfg.attack.step_size, steps=1)
-    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= cfg.attack.eps + 1e-6
-    loss = F.cross_entropy(model(x_adv), y)
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(p, b) for p, b in zip(trainable, before))
+
+def _scaled(path: Path, data_root: Path) -> dict:
+    """The preset as shipped, scaled down: Swin architecture, data files, epochs, sizes and attack budgets."""
+    tree = _load(path)
+    base = tree["base"]
+    tree.update(num_samples=1, max_concurrent=1, resources={"cpu": 1, "gpu": 0},
+                scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 2})
+    base["device"] = "cpu"
+    base["backbone"].update(weights=None, input_size=SCALED_SIDE,
+                            kwargs={**SCALED_SWIN, **base["backbone"]["kwargs"]})
+    data = base["data"]
+    if data["name"] in CIFAR:
+        data.update(root=str(write_cifar(data_root, data["name"])), val_fraction=0.5)
+    else:
+        images, splits = write_image_list(data_root, data["name"])
+        data.update(root=str(images), split_dir=str(splits), image_size=SCALED_SIDE)
+    base["eval"].update(batch_size=128, final={
+        "n_examples": 4, "pgd_restarts": 1,
+        "autoattack": {"apgd_steps": 5, "fab_steps": 5, "target_classes": 2, "square_queries": 20},
+        "masking": {"n_examples": 4, "more_steps": 20, "square_queries": 20}})
+    base["probe"].update(epochs=1, warmup_epochs=0.5, batch_size=32)
+    base["finetune"].update(epochs=2, warmup_epochs=0.5, batch_size=32)
+    if base["finetune"]["method"] == "prompt":
+        base["finetune"]["method_params"]["length"] = 2
+    return tree
+
+
+def _whole_run(path: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    trust_test_cifar_here(monkeypatch)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = write_yaml(tmp_path / f"{path.stem}.yaml", _scaled(path, tmp_path / "data"))
+    assert main(["--space", str(space), "--name", "run", "--tracking-uri", uri]) == 0
+
+    client = MlflowClient(uri)
+    (child,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.sweep = 'run' and tags.sweep_role = 'trial'")
+    assert child.data.tags["status"] == "completed", child.data.tags
+    assert {"test_clean_acc", "test_robust_acc", "final_pgd_acc", "final_autoattack_acc"} <= set(child.data.metrics)
+    assert child.data.tags["final_eval"] == "done"
+    assert child.data.params["final_eval.autoattack.version"] == "custom"  # cut for the test, and labelled so
+
+    out = tmp_path / "exported"
+    assert main(["export", "--name", "run", "--top-k", "1", "--out", str(out), "--tracking-uri", uri]) == 0
+    (exported,) = out.glob("*.yaml")
+    assert main(["train", "--config", str(exported), "--tracking-uri", uri, "--experiment", "rerun"]) == 0
+    (rerun,) = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
+    assert rerun.data.tags["status"] == "completed" and "final_autoattack_acc" in rerun.data.metrics
+    # the same trial config, seed and data: the rerun repeats the sweep's trial
+    assert rerun.data.metrics["best_val_robust_acc"] == pytest.approx(child.data.metrics["best_val_robust_acc"],
+                                                                      abs=1e-6)
+
+
+def trust_test_cifar_here(monkeypatch) -> None:
+    """:func:`trust_test_cifar` in this process, undone after the test."""
+    from roli_sweep._torchvision_compat import import_torchvision
+
+    datasets = import_torchvision().datasets
+    for cls in (datasets.CIFAR10, datasets.CIFAR100):
+        for attr in ("train_list", "test_list", "meta"):
+            monkeypatch.setattr(cls, attr, getattr(cls, attr))
+    trust_test_cifar()
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem in DEFAULT_RUN], ids=lambda p: p.stem)
+def test_preset_whole_run(path, tmp_path, monkeypatch, ray_runtime):
+    _whole_run(path, tmp_path, monkeypatch)
+
+
+@pytest.mark.paper_presets
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.stem not in DEFAULT_RUN], ids=lambda p: p.stem)
+def test_other_preset_whole_run(path, tmp_path, monkeypatch, ray_runtime):
+    _whole_run(path, tmp_path, monkeypatch)
+

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from roli_sweep.cli import main
 from roli_sweep.config import ConfigError, StudyConfig
 from roli_sweep.study import StudyState, choose_lrs, parse_filters
+from roli_sweep.study_report import collect_cells
 from tests.conftest import write_yaml
 
 
@@ -52,10 +53,18 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, ray_runtime, stud
     finals = sorted((out / "tiny_study" / "final").glob("*-s0.json"))
     assert len(finals) == 2 * 2 * 2  # backbones x methods x inits, seed 0 at the own lr
     record = json.loads(finals[0].read_text())
-    assert record["status"] == "completed" and "test_autoattack_acc" in record["metrics"]
+    assert record["status"] == "completed" and "final_autoattack_acc" in record["metrics"]
 
     report = (out / "tiny_study" / "report" / "RESULTS.md").read_text()
     assert "| a | digits | lora |" in report and "| b | digits | bias |" in report
+    # test means also without the seed that chose each lr on val
+    assert "## Finetuning on the seeds that did not choose the lr" in report and "held-out seeds" in report
+    cells = collect_cells(study, StudyState(out / "tiny_study"))
+    assert cells
+    for cell in cells:
+        for init in ("random", "roli"):
+            own, held_out = cell.own[init]["test_robust_acc"], cell.own_held_out[init]["test_robust_acc"]
+            assert own.n == len(study.seeds) and held_out.values == own.values[1:]
     assert "**F3" in report and "AutoAttack" in report
     for png in ("clean_vs_robust.png", "roli_minus_ranli.png", "robust_vs_standard.png"):
         assert (out / "tiny_study" / "report" / png).stat().st_size > 1000

@@ -96,3 +96,100 @@ def test_a_saved_probe_gives_the_same_trial(tmp_path, trial_dict, head_init):
     alone = run_trial(cfg).metrics
     for key in ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc", "probe_val_robust_acc"):
         assert with_probe[key] == alone[key], key
+
+
+def _finetune_model(cfg: TrialConfig):
+    """The stage-2 model of ``cfg`` (method applied, RanLI head) and its train-mode modules."""
+    from roli_sweep.models.methods import apply_method
+    from roli_sweep.trial import finetune_train_modules
+
+    prep = prepare(cfg)
+    backbone_modules = set(prep.model.modules()) - set(prep.model.head.modules())
+    apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
+    return prep, finetune_train_modules(cfg, prep.model, backbone_modules)
+
+
+@pytest.mark.parametrize("mode", ["auto", "train"])
+def test_frozen_backbone_stays_in_eval_mode_while_lora_finetunes(trial_dict, mode):
+    """drop-path 0.5 in the frozen backbone: with the reference's modes the features stay the same on two
+    forward passes of a LoRA finetuning step; with the whole model in train mode they do not."""
+    from roli_sweep.config import AttackConfig
+    from roli_sweep.train import adversarial_epoch, make_loader, make_optimizer, set_train_modes, warmup_cosine
+
+    # two blocks: timm spreads drop-path linearly over the blocks from 0, so the second gets 0.5
+    trial_dict["backbone"].update(weights=None, kwargs={**trial_dict["backbone"]["kwargs"], "depth": 2,
+                                                        "drop_path_rate": 0.5})
+    trial_dict["finetune"].update(backbone_mode=mode, method_params={"r": 4, "alpha": 4, "dropout": 0.0})
+    cfg = TrialConfig.model_validate(trial_dict)
+    prep, train_modules = _finetune_model(cfg)
+    assert (train_modules is None) == (mode == "train")
+    features = []
+    hook = prep.model.head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
+    loader = make_loader(torch.utils.data.Subset(prep.splits.train, range(8)), 8, False, 0, prep.runtime.device)
+    optimizer = make_optimizer(prep.model, cfg.finetune)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.finetune, 1))
+    clean = AttackConfig(steps=0)  # the training forward pass alone, on the clean batch
+    adversarial_epoch(prep.model, loader, optimizer, scheduler, clean, prep.runtime, train_modules)
+    x = next(iter(loader))[0]
+    set_train_modes(prep.model, train_modules)  # as during the step just taken
+    prep.model(x), prep.model(x)
+    hook.remove()
+    assert torch.equal(features[-1], features[-2]) == (mode == "auto")
+    lora = [m for n, m in prep.model.named_modules() if n.endswith("lora_A.default")]
+    assert lora and all(m.training for m in lora) and prep.model.head.training
+
+
+def test_full_finetuning_trains_the_whole_model(trial_dict):
+    trial_dict["finetune"].update(method="full", method_params={})
+    prep, train_modules = _finetune_model(TrialConfig.model_validate(trial_dict))
+    assert train_modules is None
+
+
+@pytest.mark.parametrize("scheme", ["reference", "timm"])
+def test_random_head_init(trial_dict, scheme):
+    """RanLI's head, which the probe starts from too: the RoLI reference's init (std sqrt(2 / K), bias -ln 99)
+    or timm's (std 0.02 weight, zero bias)."""
+    trial_dict["finetune"]["random_head_init"] = scheme
+    prep = prepare(TrialConfig.model_validate(trial_dict))
+    weight, bias = prep.initial_head["weight"], prep.initial_head["bias"]  # (K, D), (K,)
+    assert torch.equal(prep.model.head.weight, weight)
+    if scheme == "reference":
+        assert weight.std().item() == pytest.approx((2 / weight.shape[0]) ** 0.5, rel=0.2)
+        assert torch.allclose(bias, torch.full_like(bias, -4.59512), atol=1e-4)
+    else:
+        assert weight.std().item() < 0.05 and torch.equal(bias, torch.zeros_like(bias))
+
+
+def test_weight_decay_spares_biases_norms_and_embeddings(trial_dict):
+    from roli_sweep.train import make_optimizer
+
+    trial_dict["finetune"].update(method="full", method_params={}, optimizer="adamw", weight_decay=0.05)
+    cfg = TrialConfig.model_validate(trial_dict)
+    prep, _ = _finetune_model(cfg)
+    names = {id(p): n for n, p in prep.model.named_parameters()}
+    decayed, spared = make_optimizer(prep.model, cfg.finetune).param_groups
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert {"net.pos_embed", "net.cls_token", "net.head.bias", "net.norm.weight"} <= spared_names
+    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decayed["params"])
+    (one,) = make_optimizer(prep.model, cfg.finetune.model_copy(update={"no_weight_decay": []})).param_groups
+    assert one["weight_decay"] == 0.05 and len(one["params"]) == len(names)
+
+
+def test_saved_state_is_what_state_dict_holds(tmp_path):
+    """Swin's non-persistent buffers (relative_position_index, attn_mask) are neither saved nor expected back."""
+    from tests.test_methods import SWIN
+    from roli_sweep.models.backbone import build_backbone
+    from roli_sweep.models.methods import apply_method
+    from roli_sweep.trial import _load_state, _state_of
+
+    model = build_backbone(SWIN, num_classes=3)
+    apply_method(model, "lora", {"r": 2})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = _state_of(model, trainable)
+    assert set(state) <= set(model.state_dict()) and trainable <= set(state)
+    assert not any("relative_position_index" in k or "attn_mask" in k for k in state)
+    assert any("relative_position_index" in n for n, _ in model.named_buffers())
+    _load_state(model, state, "saved state")
+    with pytest.raises(RuntimeError, match="missing"):
+        _load_state(model, {k: v for k, v in state.items() if "lora_A" not in k}, "saved state")

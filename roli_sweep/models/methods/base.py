@@ -26,6 +26,9 @@ class TransferMethod(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
+    freezes_backbone: ClassVar[bool] = True
+    """Whether the backbone's own weights stay (mostly) frozen: then, by default, its layers run in
+    eval mode during finetuning, as in the RoLI reference (``finetune.backbone_mode: auto``)."""
 
     @abstractmethod
     def apply(self, model: NormalizedModel, params: BaseModel) -> None:

@@ -1,4 +1,6 @@
-"""Bias tuning (BitFit; Ben Zaken et al., ACL 2022): every bias term of the backbone trains, plus the head."""
+"""Bias tuning (BitFit; Ben Zaken et al., ACL 2022): every backbone parameter whose name contains
+``bias`` trains, plus the head. As in the RoLI reference (``tinytl-bias`` in its
+``src/models/vit_models.py``), that includes Swin's ``relative_position_bias_table``."""
 from __future__ import annotations
 
 from pydantic import BaseModel
@@ -14,5 +16,5 @@ class Bias(TransferMethod):
     def apply(self, model: NormalizedModel, params: BaseModel) -> None:
         freeze_all_but_head(model)
         for name, param in model.net.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias":
+            if "bias" in name:
                 param.requires_grad_(True)

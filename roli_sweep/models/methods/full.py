@@ -10,6 +10,7 @@ from roli_sweep.models.methods.base import TransferMethod, register_method
 @register_method
 class Full(TransferMethod):
     name = "full"
+    freezes_backbone = False
 
     def apply(self, model: NormalizedModel, params: BaseModel) -> None:
         model.requires_grad_(True)
