@@ -1,9 +1,9 @@
 """AutoAttack as published against torchattacks 3.3's own ``AutoAttack(version='standard')``, on one model.
 
-    python benchmarks/autoattack_versions.py [--space search_spaces/lora.yaml] [--n 100] [--threads 2]
+    python benchmarks/autoattack_versions.py [--space search_spaces/lora.yaml] [--set finetune.lr=0.01] [--n 100]
 
 Trains the space's base trial (probe, then finetuning; the default space's base is LoRA r 8, RoLI,
-lr 1e-3) and evaluates its tested best epoch on the first ``n`` test images at the space's
+lr 1e-3; ``--set dotted.key=value`` changes it) and evaluates its tested best epoch on the first ``n`` test images at the space's
 evaluation eps with:
 
 - the published standard version (roli_sweep.autoattack: APGD-CE 100, APGD-T 100 x 9 targets,
@@ -20,9 +20,10 @@ import argparse
 import time
 
 import torch
+import yaml
 
 from roli_sweep.autoattack import autoattack_robust
-from roli_sweep.config import evaluation_attack, load_search_space
+from roli_sweep.config import apply_overrides, evaluation_attack, load_search_space
 from roli_sweep.trial import run_trial
 
 
@@ -31,12 +32,15 @@ def main() -> None:
     parser.add_argument("--space", default="search_spaces/lora.yaml")
     parser.add_argument("--n", type=int, default=100, help="first n test images")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the base trial (YAML value), e.g. finetune.lr=0.01")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_search_space(args.space).base
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    cfg = apply_overrides(load_search_space(args.space).base, overrides)
     started = time.perf_counter()
     result = run_trial(cfg)
-    print(f"trained {args.space} base trial in {time.perf_counter() - started:.0f} s: "
+    print(f"trained {args.space} base trial {overrides or ''} in {time.perf_counter() - started:.0f} s: "
           f"val robust {result.metrics['val_robust_acc']:.3f}, test clean {result.metrics['test_clean_acc']:.3f}")
     model, eps = result.model.eval(), evaluation_attack(cfg.attack, cfg.eval).eps
     n = min(args.n, len(result.test_set))
@@ -46,7 +50,7 @@ def main() -> None:
         clean = model(x).argmax(1) == y
 
     started = time.perf_counter()
-    published = autoattack_robust(model, x, y, eps, result.num_classes, cfg.eval.final.autoattack, seed=0)
+    published = autoattack_robust(model, x, y, clean, eps, result.num_classes, cfg.eval.final.autoattack, seed=0)
     published_s = time.perf_counter() - started
 
     import torchattacks

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roli_sweep.attacks import eval_mode
 from roli_sweep.config import AutoAttackConfig
 
 
@@ -59,20 +60,22 @@ def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAt
     return torchattacks.MultiAttack(attacks)
 
 
-def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,
-                      cfg: AutoAttackConfig, seed: int) -> torch.Tensor:
+def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float,
+                      num_classes: int, cfg: AutoAttackConfig, seed: int) -> torch.Tensor:
     """Per example (B,): classified correctly clean and still correctly after every AutoAttack component.
 
     Args:
-        x: images (B, C, H, W) in [0, 1]; y: labels (B,).
+        x: images (B, C, H, W) in [0, 1]; y: labels (B,); clean: (B,) bool, ``model(x)`` correct.
 
-    Only the clean-correct examples are attacked (the reference drops the others first).
+    Only the clean-correct examples are attacked (the reference drops the others first). The model
+    runs in eval mode, every submodule's mode is restored afterwards, and the global RNG is left as
+    it was (torchattacks' components reseed it).
     """
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y
+    robust = clean.clone()
     attacked = robust.nonzero().squeeze(1)
     if len(attacked):
-        x_adv = build_autoattack(model, eps, num_classes, cfg, seed)(x[attacked], y[attacked])
-        with torch.no_grad():
-            robust[attacked] = model(x_adv).argmax(1) == y[attacked]
+        with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            x_adv = build_autoattack(model, eps, num_classes, cfg, seed)(x[attacked], y[attacked])
+            with torch.no_grad():
+                robust[attacked] = model(x_adv).argmax(1) == y[attacked]
     return robust

@@ -22,6 +22,7 @@ from roli_sweep.config import (
     load_study_config,
     load_trial_config,
 )
+from roli_sweep.preflight import check_inputs
 
 COMMANDS = ("sweep", "train", "export", "pretrain", "study")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -82,6 +83,11 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _script() -> str:
+    """How the user called the entry point (``run_sweep.py`` as typed), for the commands printed."""
+    return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
+
+
 def _sampled(row, space) -> list[str]:
     return [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.sampled.get(k) for k in space.parameters)]
 
@@ -96,14 +102,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     space = load_search_space(args.space)
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
     space = space.model_copy(update=overrides)
+    inputs = [space.base] + [space.trial_config({key: value}) for key, spec in space.parameters.items()
+                             if key.startswith(("data.", "backbone.")) for value in spec.candidates()]
+    check_inputs(inputs)
 
-    from roli_sweep.sweep import default_sweep_name, run_sweep  # imports Ray: only after validation
+    from roli_sweep.sweep import INTERRUPTED_EXIT, default_sweep_name, run_sweep  # imports Ray: after validation
 
     name = args.name or default_sweep_name(space)
     console.print(f"[bold]sweep[/] {name}: {space.num_samples} trials of {space.base.finetune.method}, "
                   f"sampling {', '.join(space.parameters) or 'nothing'}")
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
                         num_cpus=args.num_cpus, resume=args.resume)
+    resume = (f"python {_script()} --space {args.space} --name {name} --resume --tracking-uri {args.tracking_uri} "
+              f"--storage-path {args.storage_path}" + (f" --address {args.address}" if args.address else ""))
     threat = evaluation_attack(space.base.attack, space.base.eval)
     eps = ("each trial's training eps" if space.base.eval.eps is None and "attack.eps" in space.parameters
            else f"eps {threat.eps * 255:.3g}/255")
@@ -150,19 +161,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                   highlight=False)
     for row in outcome.rows:
         if row.error:
-            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}")
+            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}", highlight=False)
     console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
                   f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    console.print(f"Ray Tune results: {outcome.storage_path / name} (continue an interrupted sweep with "
-                  f"--resume --name {name})")
-    console.print(f"export the best: python run_sweep.py export --name {name} --top-k 3 --out exported "
-                  f"--tracking-uri {outcome.tracking_uri}")
+    console.print(f"Ray Tune results: {outcome.storage_path / name}")
+    if outcome.interrupted:
+        console.print(f"[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {resume}",
+                      highlight=False, soft_wrap=True)
+        return INTERRUPTED_EXIT
+    if outcome.rows and all(row.status == "failed" for row in outcome.rows):
+        reasons = sorted({row.error or "unknown error" for row in outcome.rows})
+        console.print(f"[bold red]every trial failed[/] ({len(outcome.rows)}); the reasons:", highlight=False)
+        for reason in reasons:
+            console.print(f"  {reason}", highlight=False, soft_wrap=True)
+        return 1
+    console.print(f"export the best: python {_script()} export --name {name} --top-k 3 --out exported "
+                  f"--tracking-uri {outcome.tracking_uri}", soft_wrap=True)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     _positive(args.seeds, "--seeds")
     cfg = load_trial_config(args.config)
+    check_inputs([cfg])
     from roli_sweep.single_run import train_logged, train_seeds
 
     if args.seeds > 1 or args.paired:
@@ -200,6 +221,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     _positive(args.num_cpus, "--num-cpus")
     study = load_study_config(args.config)
+    method = next(iter(study.methods))
+    check_inputs([study.run_config(b, t, method, study.head_inits[0], study.methods[method].lrs[0], study.seeds[0])
+                  for b in study.backbones for t in study.targets])
     from roli_sweep.study import RunKey, StudyState, parse_filters, run_study
     from roli_sweep.tracking import StudyRecorder
 

@@ -441,11 +441,6 @@ class SearchSpace(_Strict):
                 "at max_t, so a smaller one would end all trials before their test evaluation")
         if self.scheduler.grace_period > max_t:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds max_t ({max_t})")
-        if "attack.eps" in self.parameters and self.base.eval.eps is None:
-            raise ValueError(
-                "parameters samples 'attack.eps' while 'base.eval.eps' is unset, so every trial would be validated "
-                "at its own training eps and a small eps would win; set base.eval.eps (e.g. 8/255) to compare all "
-                "trials under one threat model")
         if "finetune.epochs" in self.parameters:
             raise ValueError("finetune.epochs cannot be sampled: ASHA counts finetune epochs up to a fixed max_t")
         if self.scheduler.grace_period <= self.base.finetune.warmup_epochs:
@@ -660,11 +655,20 @@ def parse_search_space(tree: dict[str, Any], source: str) -> SearchSpace:
         raise ConfigError(f"{source}:\n{_describe(err)}") from None
     problems = []
     for dotted, spec in space.parameters.items():
+        threat_models = set()
         for value in spec.candidates():
             try:
-                space.trial_config({dotted: value})
+                cfg = space.trial_config({dotted: value})
             except ConfigError as err:
                 problems.append(f"parameters.{dotted}: value {value!r}: {err}".split("\n(while")[0])
+                continue
+            threat = evaluation_attack(cfg.attack, cfg.eval).model_dump_json()
+            threat_models.add((threat, cfg.eval.val_steps, cfg.eval.test_steps))
+        if len(threat_models) > 1:
+            problems.append(
+                f"parameters.{dotted}: sampling it changes the evaluation threat model, so trials would be "
+                f"validated under different attacks and the weakest would win; fix it with base.eval.eps "
+                f"(and base.eval.step_size), which is {space.base.eval.eps!r}, and do not sample eval settings")
     if problems:
         raise ConfigError(f"{source}:\n" + "\n".join(problems))
     return space

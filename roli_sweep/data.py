@@ -148,6 +148,24 @@ def _fashion_mnist_torchvision_root(cfg: DataConfig) -> Path | None:
     return None
 
 
+def _fashion_mnist_root(cfg: DataConfig) -> Path:
+    """The folder torchvision reads Fashion-MNIST from (a download goes there with ``download: true``).
+
+    Raises:
+        FileNotFoundError: no local copy and ``download`` is false (the message says where it looked).
+    """
+    root = _fashion_mnist_torchvision_root(cfg)
+    if root is not None:
+        return root
+    if not cfg.download:
+        looked = [cfg.root] if cfg.root else []
+        raise FileNotFoundError(
+            f"data.root: Fashion-MNIST not found in {looked + [str(FASHION_MNIST_DEBIAN)]}: install Debian's "
+            "'dataset-fashion-mnist', point data.root at the IDX files, or set data.download: true"
+        )
+    return Path(cfg.root) if cfg.root else cache_dir() / "fashion_mnist" / "download"
+
+
 @register_dataset("fashion_mnist")
 def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
     """Fashion-MNIST through torchvision, from local files; downloads only with ``download: true``.
@@ -156,15 +174,7 @@ def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
         FileNotFoundError: no local copy and ``download`` is false (the message says where it looked).
     """
     torchvision = import_torchvision()
-    root = _fashion_mnist_torchvision_root(cfg)
-    if root is None:
-        if not cfg.download:
-            looked = [cfg.root] if cfg.root else []
-            raise FileNotFoundError(
-                f"Fashion-MNIST not found in {looked + [str(FASHION_MNIST_DEBIAN)]}: install Debian's "
-                "'dataset-fashion-mnist', point data.root at the IDX files, or set data.download: true"
-            )
-        root = Path(cfg.root) if cfg.root else cache_dir() / "fashion_mnist" / "download"
+    root = _fashion_mnist_root(cfg)
     train = torchvision.datasets.FashionMNIST(str(root), train=True, download=cfg.download)
     test = torchvision.datasets.FashionMNIST(str(root), train=False, download=cfg.download)
 
@@ -172,6 +182,25 @@ def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
         return ds.data.unsqueeze(1).float() / 255.0  # (N, 1, 28, 28)
 
     return RawSplits(images(train), train.targets.long(), images(test), test.targets.long(), list(train.classes))
+
+
+def _cifar_root(cfg: DataConfig, dataset_cls: type) -> Path:
+    """The root folder torchvision reads ``dataset_cls`` from (``<root>/<base_folder>/``).
+
+    Raises:
+        FileNotFoundError: a file is missing and ``download`` is false (names the folder and the files).
+    """
+    root = Path(cfg.root) if cfg.root else cache_dir() / "cifar"
+    folder = root / dataset_cls.base_folder
+    files = [name for name, _ in dataset_cls.train_list + dataset_cls.test_list] + [dataset_cls.meta["filename"]]
+    absent = [f for f in files if not (folder / f).is_file()]
+    if absent and not cfg.download:
+        raise FileNotFoundError(
+            f"data.root: {cfg.name} not found: {str(folder)!r} lacks {absent}; point data.root at the folder "
+            f"holding {dataset_cls.base_folder}/ (torchvision's layout, unpacked from {dataset_cls.filename}), "
+            "or set data.download: true"
+        )
+    return root
 
 
 def _load_cifar(cfg: DataConfig, dataset_cls: type) -> RawSplits:
@@ -189,16 +218,7 @@ def _load_cifar(cfg: DataConfig, dataset_cls: type) -> RawSplits:
             and the files).
         RuntimeError: torchvision's md5 check failed (a corrupt copy).
     """
-    root = Path(cfg.root) if cfg.root else cache_dir() / "cifar"
-    folder = root / dataset_cls.base_folder
-    files = [name for name, _ in dataset_cls.train_list + dataset_cls.test_list] + [dataset_cls.meta["filename"]]
-    absent = [f for f in files if not (folder / f).is_file()]
-    if absent and not cfg.download:
-        raise FileNotFoundError(
-            f"{cfg.name} not found: {str(folder)!r} lacks {absent}; point data.root at the folder holding "
-            f"{dataset_cls.base_folder}/ (torchvision's layout, unpacked from {dataset_cls.filename}), "
-            "or set data.download: true"
-        )
+    root = _cifar_root(cfg, dataset_cls)
     train = dataset_cls(str(root), train=True, download=cfg.download)
     test = dataset_cls(str(root), train=False, download=cfg.download)
 
@@ -272,6 +292,32 @@ def _class_names(splits: dict[str, dict[str, int]], ids: list[int]) -> list[str]
     return [name(i) for i in ids]
 
 
+def _image_list_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, int]], list[int]]:
+    """The split files' entries ({split: {image path: label}}) and the sorted label ids, every image checked present.
+
+    Raises:
+        FileNotFoundError: ``train.json`` / ``test.json`` or an image file is missing.
+        ValueError: a split file is malformed, or a preset's split files do not have its number of labels.
+    """
+    split_dir = Path(cfg.split_dir or cfg.root)
+    present = {s: split_dir / f"{s}.json" for s in SPLIT_FILES if (split_dir / f"{s}.json").is_file()}
+    if "train" not in present or "test" not in present:
+        raise FileNotFoundError(f"data.split_dir: {cfg.name}: {str(split_dir)!r} needs train.json and test.json "
+                                f"(val.json optional); found {sorted(p.name for p in present.values())}")
+    splits = {s: _read_split_file(path) for s, path in present.items()}
+    ids = sorted({label for entries in splits.values() for label in entries.values()})
+    expected = IMAGE_LIST_DATASETS[cfg.name]
+    if expected is not None and len(ids) != expected:
+        raise ValueError(f"{cfg.name} has {expected} classes, but the split files in {str(split_dir)!r} have "
+                         f"{len(ids)} labels; use data.name: imagefolder for another class set")
+    root = Path(cfg.root)
+    absent = [rel for entries in splits.values() for rel in entries if not (root / rel).is_file()]
+    if absent:
+        raise FileNotFoundError(f"data.root: {cfg.name}: {len(absent)} images of the split files are not under "
+                                f"{str(root)!r}, e.g. {absent[:3]}")
+    return splits, ids
+
+
 def load_image_list(cfg: DataConfig) -> RawSplits:
     """Images listed in JSON split files (the reference code's format), decoded and resized in memory.
 
@@ -291,22 +337,8 @@ def load_image_list(cfg: DataConfig) -> RawSplits:
         FileNotFoundError: ``train.json`` / ``test.json`` or an image file is missing.
         ValueError: a split file is malformed, or a preset's split files do not have its number of labels.
     """
-    split_dir = Path(cfg.split_dir or cfg.root)
-    present = {s: split_dir / f"{s}.json" for s in SPLIT_FILES if (split_dir / f"{s}.json").is_file()}
-    if "train" not in present or "test" not in present:
-        raise FileNotFoundError(f"{cfg.name}: {str(split_dir)!r} needs train.json and test.json (val.json optional); "
-                                f"found {sorted(p.name for p in present.values())}")
-    splits = {s: _read_split_file(path) for s, path in present.items()}
-    ids = sorted({label for entries in splits.values() for label in entries.values()})
-    expected = IMAGE_LIST_DATASETS[cfg.name]
-    if expected is not None and len(ids) != expected:
-        raise ValueError(f"{cfg.name} has {expected} classes, but the split files in {str(split_dir)!r} have "
-                         f"{len(ids)} labels; use data.name: imagefolder for another class set")
+    splits, ids = _image_list_splits(cfg)
     root = Path(cfg.root)
-    absent = [rel for entries in splits.values() for rel in entries if not (root / rel).is_file()]
-    if absent:
-        raise FileNotFoundError(f"{cfg.name}: {len(absent)} images of the split files are not under {str(root)!r}, "
-                                f"e.g. {absent[:3]}")
     contiguous = {label: i for i, label in enumerate(ids)}
 
     def read(entries: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +353,21 @@ def load_image_list(cfg: DataConfig) -> RawSplits:
 
 for _name in IMAGE_LIST_DATASETS:  # imagefolder and its presets share one loader
     register_dataset(_name)(load_image_list)
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Check, without loading them, that the dataset's files are where ``cfg`` says (before a sweep starts).
+
+    Raises:
+        FileNotFoundError / ValueError: as the dataset's loader would, naming the key and the path.
+    """
+    if cfg.name == "fashion_mnist":
+        _fashion_mnist_root(cfg)
+    elif cfg.name in ("cifar10", "cifar100"):
+        datasets = import_torchvision().datasets
+        _cifar_root(cfg, datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100)
+    elif cfg.name in IMAGE_LIST_DATASETS:
+        _image_list_splits(cfg)
 
 
 def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.ndarray:

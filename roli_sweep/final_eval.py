@@ -93,12 +93,11 @@ def test_subset(test: Dataset, cfg: FinalEvalConfig) -> Dataset:
     return Subset(test, range(cfg.n_examples))
 
 
-def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, threat: ThreatModel,
                       generator: torch.Generator) -> torch.Tensor:
-    """Per example (B,): correct clean and still correct after every one of ``threat.pgd_restarts``
-    random-start PGD runs (x: (B, C, H, W) in [0, 1])."""
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y
+    """Per example (B,): correct clean (``clean``, (B,) bool) and still correct after every one of
+    ``threat.pgd_restarts`` random-start PGD runs (x: (B, C, H, W) in [0, 1])."""
+    robust = clean.clone()
     for _ in range(threat.pgd_restarts):
         x_adv = pgd(model, x, y, threat.eps, threat.pgd_step_size, threat.pgd_steps, True, generator,
                     prefer_misclassified=True)
@@ -107,7 +106,7 @@ def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat
     return robust
 
 
-def _load_state(path: Path | None, threat: ThreatModel) -> dict[str, list[bool]]:
+def _load_outcomes(path: Path | None, threat: ThreatModel) -> dict[str, list[bool]]:
     empty = {"clean": [], "pgd": [], "autoattack": []}
     if path is None or not path.is_file():
         return empty
@@ -137,7 +136,7 @@ def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: f
     """
     subset = test_subset(test, cfg)
     threat = threat_model(cfg, eps, len(subset), tuple(subset[0][0].shape), num_classes)
-    outcomes = _load_state(state_path, threat)
+    outcomes = _load_outcomes(state_path, threat)
     generator = torch.Generator(runtime.device).manual_seed(seed)
     loader = make_loader(subset, cfg.batch_size, shuffle=False, seed=seed, device=runtime.device)
     was_training = model.training
@@ -150,11 +149,11 @@ def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: f
         x, y = x.to(runtime.device), y.to(runtime.device)
         with torch.no_grad():
             clean = model(x).argmax(1) == y
-        robust = pgd_with_restarts(model, x, y, threat, generator)
+        robust = pgd_with_restarts(model, x, y, clean, threat, generator)
         outcomes["clean"] += clean.tolist()
         outcomes["pgd"] += robust.tolist()
         if cfg.autoattack.enabled:
-            outcomes["autoattack"] += autoattack_robust(model, x, y, eps, num_classes, cfg.autoattack,
+            outcomes["autoattack"] += autoattack_robust(model, x, y, clean, eps, num_classes, cfg.autoattack,
                                                         seed + batch).tolist()
         if state_path is not None:
             state_path.parent.mkdir(parents=True, exist_ok=True)

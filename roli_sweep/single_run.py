@@ -49,6 +49,8 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
         task = progress.add_task("probe", total=total, last="")
 
         def on_epoch(stage: str, metrics: dict[str, float]) -> None:
+            if stage == "probe_done":
+                return
             last = f"val clean {metrics['val_clean_acc']:.3f} robust {metrics['val_robust_acc']:.3f}"
             progress.update(task, advance=1, description=stage, last=last)
             if stage == "finetune":

@@ -1,22 +1,33 @@
 """A study on Ray Tune: Optuna TPE samples, ASHA prunes on validation robust accuracy, MLflow records.
 
 Each Ray Tune trial runs :func:`roli_sweep.trial.run_trial` on the search space's base config with
-the sampled values filled in, reporting once per finetune epoch; ASHA's ``time_attr`` is that
-``epoch``, so rungs count finetune epochs (grace period first). Trials that raise are recorded as
-failed and the sweep goes on. References: Ray Tune ``Tuner`` / ``OptunaSearch`` /
-``ASHAScheduler`` docs; Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020.
+the sampled values filled in, reporting once per finetune epoch with a checkpoint
+(:mod:`roli_sweep.tune.trainable`); ASHA's ``time_attr`` is that ``epoch``, so rungs count finetune
+epochs (grace period first). Trials that raise or diverge are recorded as failed, with their own
+exception, and the sweep goes on. The Optuna study is stored in ``<storage>/<sweep>/optuna.db``.
+
+Ctrl+C stops the trials after their current step (Ray Tune's graceful stop), marks the parent run and
+the unfinished child runs KILLED with tag ``status=interrupted``, skips the final evaluation and
+returns ``interrupted``; a second Ctrl+C exits at once (status 130). ``resume`` keeps the completed
+trials, continues the unfinished ones after their last checkpointed epoch, reuses the parent run and
+then runs the final evaluation. References: Ray Tune ``Tuner`` / ``OptunaSearch`` / ``ASHAScheduler``
+docs; Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020.
 """
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file in the home folder, no warning
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials run in the driver's working directory
+# the end of stage 1 is reported (epoch 0, with the probe as checkpoint) before any finetune metric exists;
+# ASHA and the searcher skip results without their metric, Tune's strict check would refuse it
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -24,37 +35,26 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
 from roli_sweep.plots import plot_pareto  # noqa: E402
 from roli_sweep.tracking import (  # noqa: E402
-    MlflowTrialCallback,
     finish_parent_run,
     log_final_evaluations,
+    mark_interrupted,
     start_parent_run,
     trial_status,
 )
+from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, failure_reason  # noqa: E402
+from roli_sweep.tune.runtime import start_local_runtime, stop_local_runtime  # noqa: E402
+from roli_sweep.tune.searcher import TruthfulOptunaSearch  # noqa: E402
+from roli_sweep.tune.trainable import run_final_eval, run_tune_trial  # noqa: E402
 
+OPTUNA_DB = "optuna.db"
+"""The sweep's Optuna study, in its Ray Tune experiment folder (SQLite RDB storage)."""
 
-class ConsoleProgress(tune.Callback):
-    """Ray Tune callback: one line per finished trial (Ray's own output is turned off)."""
-
-    def __init__(self, finetune_epochs: int) -> None:
-        self.finetune_epochs = finetune_epochs
-
-    def _line(self, trial, errored: bool) -> None:
-        last = trial.last_result or {}
-        status = trial_status(self.finetune_epochs, last.get("epoch"), errored)
-        scores = (f": best val clean {last['best_val_clean_acc']:.3f}, robust {last['best_val_robust_acc']:.3f}"
-                  if "best_val_robust_acc" in last else "")
-        print(f"trial {trial.trial_id} {status} after {last.get('epoch', 0)} epoch(s){scores}", flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, errored=False)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, errored=True)
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl+C (128 + SIGINT), as shells report it."""
 
 
 def tune_domain(spec: ParameterSpec) -> Any:
@@ -66,37 +66,6 @@ def tune_domain(spec: ParameterSpec) -> Any:
     if spec.distribution == "log_uniform_values":
         return tune.loguniform(spec.min, spec.max)
     return tune.randint(int(spec.min), int(spec.max) + 1)
-
-
-def run_tune_trial(config: dict[str, Any], base: dict[str, Any], threads: int) -> None:
-    """The Ray Tune function trainable: one probe-then-finetune trial, reporting each finetune epoch."""
-    import torch
-
-    from roli_sweep.trial import run_trial
-
-    torch.set_num_threads(threads)
-    cfg = apply_overrides(TrialConfig.model_validate(base), config)
-    with tempfile.TemporaryDirectory() as folder:
-        def on_epoch(stage: str, metrics: dict[str, float]) -> None:
-            if stage != "finetune":
-                return
-            last = "test_clean_acc" in metrics  # the best epoch's state was saved for the final evaluation
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if last else None)
-
-        run_trial(cfg, on_epoch=on_epoch, checkpoint_dir=Path(folder))
-
-
-def run_final_eval(cfg_json: dict[str, Any], checkpoint_dir: str, state_path: str, threads: int) -> dict[str, Any]:
-    """Ray task: rebuild a trial's tested model from its checkpoint, then final evaluation and masking checks."""
-    import torch
-
-    from roli_sweep.final_eval import evaluate_and_check
-    from roli_sweep.trial import BEST_STATE_FILE, load_trained
-
-    torch.set_num_threads(threads)
-    cfg = TrialConfig.model_validate(cfg_json)
-    model, splits, device = load_trained(cfg, Path(checkpoint_dir) / BEST_STATE_FILE)
-    return evaluate_and_check(model, splits.test, cfg, splits.num_classes, device, Path(state_path)).record()
 
 
 @dataclass
@@ -126,6 +95,8 @@ class SweepOutcome:
     experiment: str
     tracking_uri: str
     storage_path: Path
+    interrupted: bool = False
+    """Ctrl+C stopped the sweep (trials or final evaluation); ``--resume --name`` continues it."""
 
     def completed(self) -> list[TrialRow]:
         """Trials that ran every finetune epoch and reported validation accuracies."""
@@ -161,8 +132,39 @@ def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
             val_robust_acc=metrics.get("best_val_robust_acc"), test_clean_acc=metrics.get("test_clean_acc"),
             test_robust_acc=metrics.get("test_robust_acc"),
             checkpoint=result.checkpoint.path if result.checkpoint and status == "completed" else None,
-            error=str(result.error).splitlines()[0][:200] if result.error else None))
+            error=failure_reason(result.error) if result.error else None))
     return rows
+
+
+class Interruption:
+    """Ctrl+C during a sweep: the first press stops Ray Tune gracefully, a second one exits at once.
+
+    Ray Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``): it stays installed
+    after ``fit()`` and would swallow a Ctrl+C during the final evaluation. The first press raises
+    SIGUSR1, Ray Tune's other graceful-stop signal, and remembers it; the second calls ``os._exit(130)``.
+    Outside :meth:`during_fit`, Ctrl+C raises ``KeyboardInterrupt`` as usual.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.pressed:
+            os._exit(INTERRUPTED_EXIT)
+        self.pressed = True
+        print("Ctrl+C: stopping the trials after their current step (again to exit at once)", flush=True)
+        signal.raise_signal(signal.SIGUSR1)
+
+    @contextmanager
+    def during_fit(self) -> Iterator[None]:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def run_sweep(
@@ -185,7 +187,8 @@ def run_sweep(
         storage_path: Ray Tune storage folder; the experiment lives in ``storage_path / name``.
         address: join this Ray cluster (``ray.init(address=...)``); None starts a local runtime.
         num_cpus: CPUs for a local runtime (None = all); ignored when joining a cluster.
-        resume: continue the interrupted sweep ``name`` (``Tuner.restore``, errored trials rerun).
+        resume: continue the interrupted sweep ``name`` (``Tuner.restore``: completed and failed trials kept,
+            unfinished ones continued from their last checkpoint).
 
     Raises:
         FileNotFoundError: ``resume`` asked for but no restorable sweep at ``storage_path / name``.
@@ -194,10 +197,24 @@ def run_sweep(
     experiment_dir = storage_path / name
     if resume and not tune.Tuner.can_restore(str(experiment_dir)):
         raise FileNotFoundError(f"no sweep to resume at {experiment_dir}")
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False)
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    elif started:  # recorded, so that a killed driver's runtime is ended at the next start
+        start_local_runtime(storage_path, num_cpus)
+    try:
+        return _sweep(space, space_path, name, tracking_uri, storage_path, resume)
+    finally:
+        if started and address:
+            ray.shutdown()
+        elif started:  # no Ray process of the sweep outlives it
+            stop_local_runtime(storage_path)
 
+
+def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, storage_path: Path,
+           resume: bool) -> SweepOutcome:
+    """:func:`run_sweep` on a running Ray runtime."""
+    experiment_dir = storage_path / name
     client = MlflowClient(tracking_uri)
     parent_run_id = start_parent_run(client, space, space_path, name, resume)
     base = space.base.model_dump(mode="json")
@@ -206,36 +223,25 @@ def run_sweep(
                                     {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     param_space = {path: tune_domain(spec) for path, spec in space.parameters.items()}
     if resume:
+        # completed and failed trials are kept; unfinished ones continue from their last checkpoint
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, param_space=param_space,
-                                   resume_errored=True)
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        pruned_on = f"best_{space.metric.name}"
-        objectives = ["best_val_clean_acc", pruned_on] if space.metric.multi_objective else pruned_on
-        modes = ["max", "max"] if space.metric.multi_objective else "max"
-        search = ConcurrencyLimiter(
-            OptunaSearch(metric=objectives, mode=modes, sampler=optuna.samplers.TPESampler(seed=space.seed)),
-            max_concurrent=space.max_concurrent)
-        scheduler = ASHAScheduler(time_attr="epoch", metric=pruned_on, mode="max",
-                                  grace_period=space.scheduler.grace_period,
-                                  reduction_factor=space.scheduler.reduction_factor,
-                                  max_t=space.scheduler.max_t or space.base.finetune.epochs)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
-                                      callbacks=[MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base),
-                                                 ConsoleProgress(space.base.finetune.epochs)]),
-        )
+        tuner = _new_tuner(space, name, storage_path, trainable, param_space,
+                           MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base))
+    interruption = Interruption()
     try:
-        results = tuner.fit()
+        with interruption.during_fit():
+            results = tuner.fit()
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
     rows = _rows(results, space.base.finetune.epochs)
-    outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path)
+    outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
+                           interrupted=interruption.pressed)
+    if outcome.interrupted:
+        mark_interrupted(client, parent_run_id)
+        return outcome
     best = outcome.best()
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "pruned", "failed")}
     best_metrics = None
@@ -247,10 +253,45 @@ def run_sweep(
             png = Path(tmp) / "pareto_front.png"
             plot_pareto(outcome.completed(), outcome.pareto_front(), png, title=f"sweep {name}")
             client.log_artifact(parent_run_id, str(png))
-    final_evaluation(outcome, space, experiment_dir, base, threads)
+    try:
+        final_evaluation(outcome, space, experiment_dir, base, threads)
+    except KeyboardInterrupt:  # the per-batch state is kept: --resume continues the evaluation
+        mark_interrupted(client, parent_run_id)
+        outcome.interrupted = True
+        return outcome
     log_final_evaluations(client, space.name, name, parent_run_id, [(r.trial_id, r.final) for r in rows if r.final])
     finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None)
     return outcome
+
+
+def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable, param_space: dict[str, Any],
+               mlflow_callback: MlflowTrialCallback) -> tune.Tuner:
+    """A fresh Tuner: the Optuna study stored in ``<storage_path>/<name>/optuna.db``, ASHA, the callbacks, and
+    one checkpoint kept per trial (the latest: it resumes the trial, and after the last epoch holds the tested
+    state for the final evaluation)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (storage_path / name).mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
+    storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path / name / OPTUNA_DB}")
+    pruned_on = f"best_{space.metric.name}"
+    objectives = ["best_val_clean_acc", pruned_on] if space.metric.multi_objective else pruned_on
+    modes = ["max", "max"] if space.metric.multi_objective else "max"
+    search = ConcurrencyLimiter(
+        TruthfulOptunaSearch(metric=objectives, mode=modes, sampler=optuna.samplers.TPESampler(seed=space.seed),
+                             storage=storage, study_name=name, finetune_epochs=space.base.finetune.epochs),
+        max_concurrent=space.max_concurrent)
+    scheduler = ASHAScheduler(time_attr="epoch", metric=pruned_on, mode="max",
+                              grace_period=space.scheduler.grace_period,
+                              reduction_factor=space.scheduler.reduction_factor,
+                              max_t=space.scheduler.max_t or space.base.finetune.epochs)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[mlflow_callback, ConsoleProgress(space.base.finetune.epochs)]),
+    )
 
 
 def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: Path, base: dict[str, Any],

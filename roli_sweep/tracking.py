@@ -8,7 +8,8 @@ tags ``trial_id``, ``sweep``, ``status`` (running / completed / pruned / failed)
 the artifact ``trial_config.yaml``, so every run can be rerun as it was.
 
 Ray Tune's own ``MLflowLoggerCallback`` logs only the sampled values as params and has no parent
-run or status; :class:`MlflowTrialCallback` is the sweep glue that does this project's layout.
+run or status; :class:`roli_sweep.tune.callbacks.MlflowTrialCallback` does this project's layout
+with the helpers here. This module does not import Ray.
 """
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
 
-from roli_sweep.config import ConfigError, SearchSpace, TrialConfig, apply_overrides, dump_yaml, flatten
+from roli_sweep.config import SearchSpace, TrialConfig, dump_yaml, flatten
 from roli_sweep.masking import Check, masking_tags
 from roli_sweep.provenance import git_commit, package_versions
 
@@ -116,6 +116,18 @@ def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] 
     client.set_terminated(run_id, "FINISHED")
 
 
+def mark_interrupted(client: MlflowClient, parent_run_id: str) -> None:
+    """After Ctrl+C: the parent run and its unfinished child runs KILLED, with tag ``status=interrupted``."""
+    run = client.get_run(parent_run_id)
+    children = client.search_runs([run.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.status = 'running'"), max_results=10000)
+    for child in children:
+        client.set_tag(child.info.run_id, "status", "interrupted")
+        client.set_terminated(child.info.run_id, "KILLED")
+    client.set_tag(parent_run_id, "status", "interrupted")
+    client.set_terminated(parent_run_id, "KILLED")
+
+
 def final_eval_record(run_id: str, client: MlflowClient, final: dict[str, Any]) -> None:
     """Log one final evaluation to a run: accuracies as metrics, the threat model as params, and the masking
     checks as tags ``masking`` (pass / warning), ``masking.<check>`` and ``masking.<check>.detail``."""
@@ -146,83 +158,9 @@ def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, par
         lines.append(f"| {trial_id} | {m['final_clean_acc']:.4f} | {m['final_pgd_acc']:.4f} | "
                      f"{m.get('final_autoattack_acc', float('nan')):.4f} | {masking} |")
         if rank == 0:
-            final_eval_record(parent_run_id, client, {**final, "metrics": {f"best_final_{k}": v for k, v in m.items()}})
+            final_eval_record(parent_run_id, client, {**final, "metrics": {f"best_{k}": v for k, v in m.items()}})
     if finals:
         client.log_text(parent_run_id, "\n".join(lines) + "\n", "final_evaluation.md")
-
-
-class MlflowTrialCallback(Callback):
-    """Ray Tune callback: one MLflow child run per trial under the sweep's parent run.
-
-    Holds only plain data, so Ray can pickle it with the experiment state and ``Tuner.restore``
-    brings it back; the client is recreated on demand. On a restore, a trial that already has a
-    child run (tag ``trial_id``) reuses it instead of creating a duplicate.
-    """
-
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, sweep: str, base: dict[str, Any]) -> None:
-        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        self.sweep, self.base = sweep, base
-        self._client: MlflowClient | None = None
-        self._runs: dict[str, str] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_client"], state["_runs"] = None, {}
-        return state
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
-
-    def _describe(self, run_id: str, trial) -> None:
-        """Log the trial's resolved config; a sampled combination the config rejects is logged as such
-        (the trial itself then fails on the same error and is recorded as failed)."""
-        try:
-            cfg = apply_overrides(TrialConfig.model_validate(self.base), trial.config)
-        except ConfigError as err:
-            self.client.log_text(run_id, str(err), "config_error.txt")
-            return
-        describe_trial_run(self.client, run_id, cfg)
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        exp = experiment_id(self.client, self.experiment)
-        found = self.client.search_runs(
-            [exp], filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.sweep}'")
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "status", "running")
-        else:
-            run = self.client.create_run(exp, run_name=f"{self.sweep}/{trial.trial_id}", tags={
-                "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
-                ROLE_TAG: "trial", "status": "running"})
-            run_id = run.info.run_id
-            self._describe(run_id, trial)
-            self.client.log_batch(run_id, tags=[RunTag(f"sampled.{k}", str(v)) for k, v in trial.config.items()])
-        self._runs[trial.trial_id] = run_id
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if trial.trial_id in self._runs:
-            log_epoch_metrics(self.client, self._runs[trial.trial_id], result)
-
-    def _finish(self, trial, errored: bool) -> None:
-        run_id = self._runs.pop(trial.trial_id, None)
-        if run_id is None:
-            return
-        last = trial.last_result or {}
-        status = trial_status(self.base["finetune"]["epochs"], last.get("epoch"), errored)
-        self.client.set_tag(run_id, "status", status)
-        if errored and trial.error_file and Path(trial.error_file).is_file():
-            self.client.log_text(run_id, Path(trial.error_file).read_text(), "error.txt")
-        self.client.set_terminated(run_id, "FAILED" if errored else "FINISHED")
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, errored=False)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, errored=True)
 
 
 class StudyRecorder:

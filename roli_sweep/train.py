@@ -121,6 +121,18 @@ def set_train_modes(model: nn.Module, train_modules: list[nn.Module] | None) -> 
         module.training = True
 
 
+class DivergenceError(FloatingPointError):
+    """Training diverged: a non-finite loss or trainable parameter. The trial stops at once and fails."""
+
+    def __init__(self, what: str, step: int, lr: float, where: str = "") -> None:
+        super().__init__(what, step, lr, where)  # all in args: it pickles (Ray sends it to the driver)
+        self.what, self.step, self.lr, self.where = what, step, lr, where
+
+    def __str__(self) -> str:
+        """E.g. ``non-finite loss at finetune epoch 3, step 12, lr 0.02``."""
+        return f"{self.what} at {self.where + ', ' if self.where else ''}step {self.step}, lr {self.lr:.3g}"
+
+
 @dataclass
 class EpochStats:
     """One training epoch: mean adversarial cross-entropy, accuracy on the adversarial batches, throughput."""
@@ -150,21 +162,31 @@ def adversarial_epoch(
             rest in eval mode, so a frozen backbone's dropout, drop-path and BatchNorm statistics stay
             off while it is finetuned around (RoLI reference, ``src/models/vit_models.py``). None = the
             whole model.
+
+    Raises:
+        DivergenceError: the loss of a batch or a trainable parameter after a step is not finite; the
+            epoch stops at that step.
     """
     set_train_modes(model, train_modules)
     step = step_size(attack, attack.steps)
+    params = [p for p in model.parameters() if p.requires_grad]
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    for x, y in loader:
+    for index, (x, y) in enumerate(loader, start=1):
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
         with runtime.autocast():
             x_adv = pgd(model, x, y, attack.eps, step, attack.steps, attack.random_start, runtime.generator)
             logits = model(x_adv)
             loss = F.cross_entropy(logits, y)
+        lr = scheduler.get_last_lr()[0]
+        if not torch.isfinite(loss):
+            raise DivergenceError("non-finite loss", index, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise DivergenceError("non-finite trainable parameters", index, lr)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)

@@ -31,7 +31,16 @@ from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
 from roli_sweep.models.methods import METHODS, apply_method, freeze_all_but_head, trainable_parameter_count
-from roli_sweep.train import Runtime, adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, warmup_cosine
+from roli_sweep.train import (
+    DivergenceError,
+    Runtime,
+    adversarial_epoch,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_runtime,
+    warmup_cosine,
+)
 
 OnEpoch = Callable[[str, dict[str, float]], None]
 """Called as ``on_epoch(stage, metrics)`` after every epoch; stage is ``"probe"`` or ``"finetune"``."""
@@ -54,6 +63,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class TrialOutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory in a trial; the message names the batch sizes and what to change."""
 
 
 def _state_of(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
@@ -99,13 +112,51 @@ class _Stage:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(stage, len(self.train_loader)))
         self.best: dict[str, float] = {"val_robust_acc": -1.0}
         self.best_state: dict[str, torch.Tensor] = {}
+        self.epoch = 0  # the last finished epoch
 
-    def epochs(self) -> Iterator[dict[str, float]]:
-        for epoch in range(1, self.stage.epochs + 1):
-            stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
-                                      self.cfg.attack, self.runtime, self.train_modules)
-            clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
-                                     self.runtime)
+    def state_dict(self) -> dict:
+        """Everything the next epoch depends on: trainable state, optimiser, schedule, best epoch so far, and the
+        RNGs (torch's global one for dropout, the attacks' generator, the data order's generator). Tensors and
+        plain containers only, so it loads with ``torch.load(weights_only=True)``."""
+        return {"epoch": self.epoch, "trainable": _state_of(self.model, self.trainable),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "best": dict(self.best), "best_state": self.best_state,
+                "rng": {"torch": torch.get_rng_state(), "attacks": self.runtime.generator.get_state(),
+                        "data_order": self.train_loader.generator.get_state()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the epoch :meth:`state_dict` was taken at."""
+        _load_state(self.model, state["trainable"], "resume state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best, self.best_state, self.epoch = state["best"], state["best_state"], state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.runtime.generator.set_state(state["rng"]["attacks"])
+        self.train_loader.generator.set_state(state["rng"]["data_order"])
+
+    def epochs(self, label: str) -> Iterator[dict[str, float]]:
+        """Run the epochs after :attr:`epoch`, yielding each one's metrics.
+
+        Raises:
+            DivergenceError: a non-finite loss or trainable parameter (the message names ``label``, the
+                epoch, the step and the lr).
+            TrialOutOfMemoryError: CUDA out of memory (the message names the batch sizes to lower).
+        """
+        for epoch in range(self.epoch + 1, self.stage.epochs + 1):
+            try:
+                stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
+                                          self.cfg.attack, self.runtime, self.train_modules)
+                clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
+                                         self.runtime)
+            except DivergenceError as err:
+                raise DivergenceError(err.what, err.step, err.lr, f"{label} epoch {epoch}") from None
+            except torch.cuda.OutOfMemoryError as err:
+                raise TrialOutOfMemoryError(
+                    f"CUDA out of memory in {label} epoch {epoch} at batch size {self.stage.batch_size} "
+                    f"({label}.batch_size; validation at eval.batch_size {self.cfg.eval.batch_size}): lower them, "
+                    "train under precision: bf16, give each trial a whole GPU (resources.gpu: 1) or fewer trials per "
+                    f"GPU (max_concurrent) ({str(err).splitlines()[0][:200]})") from None
+            self.epoch = epoch
             metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
                        "lr": stats.lr, "train_images_per_s": stats.images_per_s,
                        "val_clean_acc": clean, "val_robust_acc": robust}
@@ -162,10 +213,10 @@ def prepare(cfg: TrialConfig) -> Prepared:
     runtime = make_runtime(cfg.device, cfg.precision, cfg.seed)
     splits = load_splits(cfg.data, cfg.seed)
     model = build_backbone(cfg.backbone, splits.num_classes).to(runtime.device)
+    if cfg.finetune.random_head_init == "reference":
+        reference_head_init(model.head, torch.Generator().manual_seed(cfg.seed))
     # fail now, not after the whole probe stage, if the method does not fit this backbone
     apply_method(copy.deepcopy(model), cfg.finetune.method, cfg.finetune.method_params)
-    if cfg.finetune.random_head_init == "reference":
-        reference_head_init(model.head)
     initial_head = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     return Prepared(model, splits, runtime, initial_head)
 
@@ -174,18 +225,22 @@ REFERENCE_HEAD_PRIOR = 0.01
 """The class prior the RoLI reference's head bias encodes (``special_bias`` in its ``src/models/mlp.py``)."""
 
 
-def reference_head_init(head: nn.Module) -> None:
+def reference_head_init(head: nn.Module, generator: torch.Generator) -> None:
     """Initialise a linear head as the RoLI reference code does (``MLP`` in its ``src/models/mlp.py``,
     with ``MLP_NUM = 0``): weight (K, D) from ``kaiming_normal_(mode='fan_out')``, i.e. normal with std
-    ``sqrt(2 / K)``; every bias entry ``-ln((1 - 0.01) / 0.01)`` (about -4.595).
+    ``sqrt(2 / K)``; every bias entry ``-ln((1 - 0.01) / 0.01)`` (about -4.595). The weight is drawn from
+    ``generator`` (CPU), so it depends on the seed alone, not on the method or its parameters.
 
     Raises:
         TypeError: ``head`` is not an ``nn.Linear``.
     """
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"the reference head init is for a linear head, not {type(head).__name__}")
+        raise TypeError(f"finetune.random_head_init 'reference' needs a linear head, not {type(head).__name__}; "
+                        "set finetune.random_head_init: timm for this backbone")
     with torch.no_grad():
-        nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+        weight = torch.empty(head.weight.shape)
+        nn.init.kaiming_normal_(weight, a=0, mode="fan_out", generator=generator)
+        head.weight.copy_(weight)
         if head.bias is not None:
             head.bias.fill_(-math.log((1 - REFERENCE_HEAD_PRIOR) / REFERENCE_HEAD_PRIOR))
 
@@ -211,7 +266,7 @@ def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutco
     freeze_all_but_head(prep.model)
     probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed,
                    train_modules=list(prep.model.head.modules()))
-    for metrics in probe.epochs():
+    for metrics in probe.epochs("probe"):
         on_epoch("probe", metrics)
     probe.restore_best()
     head = {k: v.detach().clone() for k, v in prep.model.head.state_dict().items()}
@@ -269,8 +324,15 @@ def load_trained(cfg: TrialConfig, state_file: Path) -> tuple[nn.Module, DataSpl
     return prep.model.eval(), prep.splits, prep.runtime.device
 
 
+PROBE_FILE = "probe.safetensors"
+RESUME_FILE = "resume.pt"
+"""A trial's checkpoint folder: the stage-1 outcome (:class:`ProbeOutcome`), the stage-2 state after the last
+finished epoch (``torch.save`` of :meth:`_Stage.state_dict`, read with ``weights_only=True``) and, after the
+last epoch, the tested state (:data:`BEST_STATE_FILE`)."""
+
+
 def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOutcome | None = None,
-              checkpoint_dir: Path | None = None) -> TrialResult:
+              checkpoint_dir: Path | None = None, resume_dir: Path | None = None) -> TrialResult:
     """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
 
     Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
@@ -278,14 +340,20 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     ``on_epoch("finetune", m)``, each carrying the probe's best ``probe_val_clean_acc`` /
     ``probe_val_robust_acc``; the last one also carries ``test_clean_acc`` and ``test_robust_acc``
     (PGD-``eval.test_steps``) of the restored best epoch, ``best_epoch`` and ``trial_seconds``.
-    Probe epochs go to ``on_epoch("probe", m)``. A ``probe`` computed earlier for the same data,
-    backbone, probe and attack settings and seed replaces stage 1. Stage 2 starts from RNGs reseeded
-    with ``seed + 1`` either way, so both give the same result. With ``checkpoint_dir``, the tested
-    best-epoch state is saved there (:func:`save_trained_state`) before the last epoch is reported.
+    Probe epochs go to ``on_epoch("probe", m)``, and the end of stage 1 to ``on_epoch("probe_done",
+    probe metrics with epoch 0)``. A ``probe`` computed earlier for the same data, backbone, probe and
+    attack settings and seed replaces stage 1. Stage 2 starts from RNGs reseeded with ``seed + 1``
+    either way, so both give the same result.
+
+    With ``checkpoint_dir``, the trial keeps its checkpoint there (:data:`RESUME_FILE`), rewritten
+    before ``on_epoch`` hears of the end of stage 1 and of every finetune epoch. With ``resume_dir``
+    (such a folder from an interrupted run of the same config) it continues after the last finished
+    epoch and gives the same metrics as an uninterrupted run.
 
     Raises:
         ValueError / FileNotFoundError: data or weights that cannot be loaded, or a transfer method
             that does not fit the backbone (found before stage 1 starts).
+        DivergenceError: a non-finite loss or trainable parameter (the trial stops at that step).
     """
     started = time.perf_counter()
     history: list[dict[str, float]] = []
@@ -295,11 +363,20 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
         if on_epoch is not None:
             on_epoch(stage, metrics)
 
+    resumed = torch.load(resume_dir / RESUME_FILE, weights_only=True) \
+        if resume_dir is not None and (resume_dir / RESUME_FILE).is_file() else None
+    if resume_dir is not None and (resume_dir / PROBE_FILE).is_file():
+        probe = ProbeOutcome.load(resume_dir / PROBE_FILE)
     prep = prepare(cfg)
     if probe is None:
         probe = run_probe(cfg, prep, record)
+        if checkpoint_dir is not None:
+            probe.save(checkpoint_dir / PROBE_FILE)
+        record("probe_done", {"epoch": 0, **probe.metrics})
     else:
         freeze_all_but_head(prep.model)
+        if checkpoint_dir is not None:
+            probe.save(checkpoint_dir / PROBE_FILE)
     seed_everything(cfg.seed + 1)  # stage 2 does not depend on whether stage 1 ran here
     prep.runtime.generator.manual_seed(cfg.seed + 1)
     init_finetune_head(cfg, prep, probe)
@@ -309,9 +386,17 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     constants = {**probe.metrics, "trainable_params": trainable_parameter_count(prep.model)}
     finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1,
                       finetune_train_modules(cfg, prep.model, backbone_modules))
+    seconds_before = 0.0
+    if resumed is not None:
+        finetune.load_state_dict(resumed["stage"])
+        seconds_before = resumed["seconds"]
     final: dict[str, float] = {}
-    for metrics in finetune.epochs():
+    for metrics in finetune.epochs("finetune"):
         metrics.update(constants)
+        seconds = seconds_before + time.perf_counter() - started
+        if checkpoint_dir is not None:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"stage": finetune.state_dict(), "seconds": seconds}, checkpoint_dir / RESUME_FILE)
         if metrics["epoch"] == cfg.finetune.epochs:
             finetune.restore_best()
             test_loader = make_loader(prep.splits.test, cfg.eval.batch_size, shuffle=False, seed=cfg.seed,
@@ -321,7 +406,7 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
             if checkpoint_dir is not None:
                 save_trained_state(prep.model, checkpoint_dir)
             final = {"best_epoch": finetune.best["best_epoch"], "test_clean_acc": test_clean,
-                     "test_robust_acc": test_robust, "trial_seconds": time.perf_counter() - started}
+                     "test_robust_acc": test_robust, "trial_seconds": seconds_before + time.perf_counter() - started}
             metrics.update(final)
         record("finetune", metrics)
     summary = {**constants, **final,

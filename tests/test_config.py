@@ -75,7 +75,10 @@ MALFORMED = [
     ("parameters/finetune.lr", {"values": [0.001, -1.0]}, "parameters.finetune.lr"),
     ("parameters/attack.step_size", {"values": ["2/255", 1.5]}, "parameters.attack.step_size"),
     # one threat model for every trial: sampling the training eps needs a fixed evaluation eps
-    ("parameters/attack.eps", {"values": ["8/255", "12/255"]}, "samples 'attack.eps' while 'base.eval.eps' is unset"),
+    ("parameters/attack.eps", {"values": ["8/255", "12/255"]},
+     "parameters.attack.eps: sampling it changes the evaluation threat model"),
+    ("parameters/attack.step_size", {"values": ["1/255", "2/255"]}, "base.eval.eps"),
+    ("parameters/eval.val_steps", {"values": [5, 10]}, "parameters.eval.val_steps: sampling it changes"),
     ("parameters/finetune.method_params.r", {"values": [0, 4]}, "parameters.finetune.method_params.r"),
     ("parameters/finetune.epochs", {"values": [1, 2]}, "finetune.epochs"),
     ("parameters/finetune.method_params.r", {"distribution": "uniform", "min": 2, "max": 8},

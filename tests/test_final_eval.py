@@ -158,10 +158,12 @@ def test_autoattack_attacks_only_clean_correct_examples(digits_linear):
     seen = []
     hook = model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     cfg = AutoAttackConfig(apgd_steps=5, fab_steps=5, target_classes=2, square_queries=10)
-    robust = autoattack_robust(model, x, y, 0.1, 10, cfg, seed=0)
+    rng = torch.random.get_rng_state()
+    robust = autoattack_robust(model, x, y, correct, 0.1, 10, cfg, seed=0)
     hook.remove()
     assert not correct.all() and not (robust & ~correct).any()
-    assert max(seen[1:]) <= int(correct.sum()), "misclassified examples are never attacked"
+    assert seen and max(seen) <= int(correct.sum()), "misclassified examples are never attacked"
+    assert torch.equal(torch.random.get_rng_state(), rng), "the components' reseeding does not leak"
 
 
 def test_probabilities_instead_of_logits_are_flagged(digits_linear):

@@ -33,6 +33,14 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert "tiny.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     statuses = [c.data.tags["status"] for c in children]
     assert set(statuses) <= {"completed", "pruned"} and "completed" in statuses
+    # Optuna was told the truth: ASHA-stopped trials PRUNED, whole ones COMPLETE, every epoch reported once
+    import optuna
+
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{tmp_path}/ray_results/s1/optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == statuses.count("pruned") and states.count("COMPLETE") == statuses.count("completed")
+    assert all(sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) and t.intermediate_values
+               for t in study.trials)
     for child in children:
         assert child.data.params["finetune.method"] == "lora"
         assert child.data.params["seed"] == "0"
@@ -65,7 +73,7 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert {k: final.data.params[f"final_eval.autoattack.{k}"] for k in
             ("version", "apgd_steps", "fab_steps", "target_classes", "square_queries")} == {
         "version": "standard", "apgd_steps": "100", "fab_steps": "100", "target_classes": "9", "square_queries": "5000"}
-    assert parent.data.metrics["best_final_final_autoattack_acc"] == m["final_autoattack_acc"]
+    assert parent.data.metrics["best_final_autoattack_acc"] == m["final_autoattack_acc"]
     assert "final_evaluation.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert (tmp_path / "ray_results" / "s1" / "final_eval" / f"{final.data.tags['trial_id']}.json").is_file()
 
@@ -89,19 +97,29 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert rerun.data.metrics["best_val_robust_acc"] == pytest.approx(best.data.metrics["best_val_robust_acc"], abs=0.02)
 
 
-def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, ray_runtime, space_dict):
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):
+    """A diverging lr fails its trials with their own reason; the others complete and are reported."""
     monkeypatch.chdir(tmp_path)
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_text("not a checkpoint")
     tree = copy.deepcopy(space_dict)
-    tree["num_samples"] = 3
-    tree["parameters"] = {"backbone.weights": {"values": [str(corrupt)]}, "finetune.lr": {"values": [0.001, 0.01]}}
+    tree["num_samples"] = 4
+    tree["scheduler"]["grace_period"] = 2  # no pruning: every trial that does not diverge completes
+    tree["parameters"] = {"finetune.lr": {"values": [1.0e30, 0.001]}}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["--space", str(write_yaml(tmp_path / "bad.yaml", tree)), "--name", "s2", "--tracking-uri", uri]) == 0
+    assert main(["--space", str(write_yaml(tmp_path / "mixed.yaml", tree)), "--name", "s2", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
     parent, children = _children(MlflowClient(uri), "s2")
-    assert len(children) == 3
-    assert all(c.data.tags["status"] == "failed" and c.info.status == "FAILED" for c in children)
-    assert parent.data.metrics["trials_failed"] == 3 and parent.info.status == "FINISHED"
+    assert len(children) == 4
+    failed = [c for c in children if c.data.tags["status"] == "failed"]
+    assert failed and len(failed) < 4, "the seeded sampler draws both values"
+    for child in children:
+        diverging = float(child.data.tags["sampled.finetune.lr"]) > 1
+        assert (child in failed) == diverging and child.info.status == ("FAILED" if diverging else "FINISHED")
+    for child in failed:
+        assert child.data.tags["failure"].startswith("DivergenceError: non-finite")
+        assert "error.txt" in [a.path for a in MlflowClient(uri).list_artifacts(child.info.run_id)]
+    assert parent.data.metrics["trials_failed"] == len(failed) and parent.info.status == "FINISHED"
+    assert "DivergenceError: non-finite" in out and "ImplicitFunc" not in out and "\x1b[" not in out
+    assert "export the best" in out
 
 
 def test_multi_objective_sweep_reports_a_pareto_front(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):

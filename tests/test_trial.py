@@ -35,10 +35,11 @@ def test_trial_reports_every_finetune_epoch_and_tests_once(trial_dict):
     seen = []
     result = run_trial(TrialConfig.model_validate(trial_dict), lambda stage, m: seen.append((stage, dict(m))))
     stages = [s for s, _ in seen]
-    assert stages == ["probe", "finetune", "finetune"]
+    assert stages == ["probe", "probe_done", "finetune", "finetune"]
+    assert seen[1][1]["epoch"] == 0 and "probe_val_robust_acc" in seen[1][1]
     last = seen[-1][1]
     assert [m["epoch"] for s, m in seen if s == "finetune"] == [1, 2]
-    assert "test_robust_acc" in last and "test_robust_acc" not in seen[1][1]
+    assert "test_robust_acc" in last and "test_robust_acc" not in seen[2][1]
     for key in ("val_clean_acc", "val_robust_acc", "probe_val_robust_acc", "test_clean_acc"):
         assert 0.0 <= result.metrics[key] <= 1.0
     assert result.metrics["test_robust_acc"] <= result.metrics["test_clean_acc"] + 0.1
@@ -111,9 +112,9 @@ def _finetune_model(cfg: TrialConfig):
 
 @pytest.mark.parametrize("mode", ["auto", "train"])
 def test_frozen_backbone_stays_in_eval_mode_while_lora_finetunes(trial_dict, mode):
-    """drop-path 0.5 in the frozen backbone: with the reference's modes the features stay the same on two
-    forward passes of a LoRA finetuning step; with the whole model in train mode they do not."""
-    from roli_sweep.config import AttackConfig
+    """drop-path 0.5 in the frozen backbone: with the reference's modes it never acts during a LoRA finetuning
+    epoch (PGD included) and the frozen part gives identical features on two forward passes; with the whole
+    model in train mode it acts and they differ."""
     from roli_sweep.train import adversarial_epoch, make_loader, make_optimizer, set_train_modes, warmup_cosine
 
     # two blocks: timm spreads drop-path linearly over the blocks from 0, so the second gets 0.5
@@ -123,20 +124,23 @@ def test_frozen_backbone_stays_in_eval_mode_while_lora_finetunes(trial_dict, mod
     cfg = TrialConfig.model_validate(trial_dict)
     prep, train_modules = _finetune_model(cfg)
     assert (train_modules is None) == (mode == "train")
-    features = []
-    hook = prep.model.head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
-    loader = make_loader(torch.utils.data.Subset(prep.splits.train, range(8)), 8, False, 0, prep.runtime.device)
+    drop_path = prep.model.net.blocks[1].drop_path1
+    assert drop_path.drop_prob == 0.5
+    modes = []
+    drop_path.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    loader = make_loader(torch.utils.data.Subset(prep.splits.train, range(16)), 8, False, 0, prep.runtime.device)
     optimizer = make_optimizer(prep.model, cfg.finetune)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.finetune, 1))
-    clean = AttackConfig(steps=0)  # the training forward pass alone, on the clean batch
-    adversarial_epoch(prep.model, loader, optimizer, scheduler, clean, prep.runtime, train_modules)
-    x = next(iter(loader))[0]
-    set_train_modes(prep.model, train_modules)  # as during the step just taken
-    prep.model(x), prep.model(x)
-    hook.remove()
-    assert torch.equal(features[-1], features[-2]) == (mode == "auto")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.finetune, len(loader)))
+    adversarial_epoch(prep.model, loader, optimizer, scheduler, cfg.attack, prep.runtime, train_modules)
+    assert modes and any(modes) == (mode == "train")  # PGD's passes run in eval mode either way
     lora = [m for n, m in prep.model.named_modules() if n.endswith("lora_A.default")]
     assert lora and all(m.training for m in lora) and prep.model.head.training
+    features = []
+    prep.model.head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
+    x = next(iter(loader))[0]
+    set_train_modes(prep.model, train_modules)  # as during the training steps
+    prep.model(x), prep.model(x)
+    assert torch.equal(features[0], features[1]) == (mode == "auto")
 
 
 def test_full_finetuning_trains_the_whole_model(trial_dict):
@@ -158,6 +162,11 @@ def test_random_head_init(trial_dict, scheme):
         assert torch.allclose(bias, torch.full_like(bias, -4.59512), atol=1e-4)
     else:
         assert weight.std().item() < 0.05 and torch.equal(bias, torch.zeros_like(bias))
+    # the same head whatever the method and its parameters: a study's shared probe starts where RanLI does
+    for method, params in (("linear", {}), ("lora", {"r": 2}), ("prompt", {"length": 3}), ("adapter", {})):
+        trial_dict["finetune"].update(method=method, method_params=params)
+        other = prepare(TrialConfig.model_validate(trial_dict)).initial_head
+        assert all(torch.equal(other[k], prep.initial_head[k]) for k in other), method
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings(trial_dict):
@@ -174,6 +183,27 @@ def test_weight_decay_spares_biases_norms_and_embeddings(trial_dict):
     assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decayed["params"])
     (one,) = make_optimizer(prep.model, cfg.finetune.model_copy(update={"no_weight_decay": []})).param_groups
     assert one["weight_decay"] == 0.05 and len(one["params"]) == len(names)
+
+
+def test_saved_state_keeps_persistent_buffers_only():
+    from roli_sweep.trial import _state_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model[1].register_buffer("rebuilt", torch.zeros(2), persistent=False)
+    model[0].requires_grad_(False)
+    assert set(_state_of(model, {"1.weight", "1.bias"})) == {
+        "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+
+
+def test_load_trained_rebuilds_the_tested_model(tmp_path, trial_dict):
+    from roli_sweep.trial import BEST_STATE_FILE, load_trained
+
+    cfg = TrialConfig.model_validate(trial_dict)
+    result = run_trial(cfg, checkpoint_dir=tmp_path)
+    model, splits, _ = load_trained(cfg, tmp_path / BEST_STATE_FILE)
+    x = torch.stack([splits.test[i][0] for i in range(8)])
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model(x))
 
 
 def test_saved_state_is_what_state_dict_holds(tmp_path):
@@ -193,3 +223,53 @@ def test_saved_state_is_what_state_dict_holds(tmp_path):
     _load_state(model, state, "saved state")
     with pytest.raises(RuntimeError, match="missing"):
         _load_state(model, {k: v for k, v in state.items() if "lora_A" not in k}, "saved state")
+
+
+@pytest.mark.parametrize("stop_after", [0, 1])
+def test_a_resumed_trial_repeats_the_uninterrupted_one(tmp_path, trial_dict, stop_after):
+    """Interrupted after stage 1 (0) or after finetune epoch 1, then resumed from the checkpoint folder: the
+    same epochs and the same metrics as an uninterrupted run with the same seed."""
+    trial_dict["finetune"]["epochs"] = 3
+    trial_dict["finetune"]["method_params"]["dropout"] = 0.5  # LoRA dropout draws from torch's global RNG
+    cfg = TrialConfig.model_validate(trial_dict)
+    whole = []
+    run_trial(cfg, lambda stage, m: whole.append((stage, dict(m))))
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, metrics):
+        if stage == "probe_done" and stop_after == 0 or stage == "finetune" and metrics["epoch"] == stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(cfg, stop, checkpoint_dir=tmp_path / "first")
+    resumed = []
+    run_trial(cfg, lambda stage, m: resumed.append((stage, dict(m))), checkpoint_dir=tmp_path / "second",
+              resume_dir=tmp_path / "first")
+    assert [s for s, _ in resumed] == ["finetune"] * (3 - stop_after), "no epoch runs twice, stage 1 not again"
+    skip = lambda m: {k: v for k, v in m.items() if k not in ("train_images_per_s", "trial_seconds")}  # noqa: E731
+    assert [skip(m) for s, m in resumed] == [skip(m) for s, m in whole if s == "finetune"][stop_after:]
+
+
+def test_divergence_stops_the_trial_at_once(trial_dict):
+    from roli_sweep.train import DivergenceError
+
+    trial_dict["finetune"]["lr"] = 1e30  # AdamW moves every parameter by about lr: the loss overflows
+    seen = []
+    with pytest.raises(DivergenceError, match=r"non-finite (loss|trainable parameters) at finetune epoch 1, step \d+, lr"):
+        run_trial(TrialConfig.model_validate(trial_dict), lambda stage, m: seen.append(stage))
+    assert "finetune" not in seen
+
+
+def test_cuda_out_of_memory_names_the_batch_size(trial_dict, monkeypatch):
+    """Injected: no GPU is needed to see what the user is told."""
+    import roli_sweep.trial as trial_module
+    from roli_sweep.trial import TrialOutOfMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trial_module, "adversarial_epoch", out_of_memory)
+    with pytest.raises(TrialOutOfMemoryError, match="probe epoch 1 at batch size 32 .*lower them.*bf16"):
+        run_trial(TrialConfig.model_validate(trial_dict))

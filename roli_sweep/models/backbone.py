@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -87,20 +89,76 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the pickle holds other objects (e.g. a training script's ``args``), or no state dict.
     """
+    check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return unwrap_checkpoint(load_file(str(path)), str(path))
+    return unwrap_checkpoint(_load_pickle(path), str(path))
+
+
+ZIP_MAGIC, PICKLE_PROTOCOL_2 = b"PK\x03\x04", b"\x80\x02"
+"""How ``torch.save`` files begin: a zip archive (since torch 1.6), or a legacy pickle."""
+
+
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what the file holds, never how to unpickle code.
+
+    Raises:
+        ValueError: truncated, not a torch checkpoint, or a pickle with objects other than tensors.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(ZIP_MAGIC) or magic.startswith(PICKLE_PROTOCOL_2)):
+        raise ValueError(f"backbone.weights: {str(path)!r} is not a PyTorch checkpoint (neither the zip archive nor "
+                         "the pickle torch.save writes)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(err))
         raise ValueError(
-            f"weights {str(path)!r} hold objects other than tensors, which are not unpickled (weights_only=True); "
-            "where you trust the file, save just the model's state dict (torch.save(model.state_dict(), ...)) "
-            "or convert it to safetensors"
-            f" ({str(err).splitlines()[0]})"
+            f"backbone.weights: {str(path)!r} is a pickle with objects other than tensors"
+            f"{' (' + ', '.join(sorted(set(found))) + ')' if found else ''}, which are not loaded; save just the "
+            "model's state dict (torch.save(model.state_dict(), ...)) or convert it to safetensors"
         ) from None
-    return unwrap_checkpoint(checkpoint, str(path))
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"backbone.weights: {str(path)!r} is truncated or corrupt "
+                         f"({path.stat().st_size} bytes; {type(err).__name__})") from None
+
+
+def check_weights_file(path: Path) -> None:
+    """Check that a weights file is readable and valid, before anything starts.
+
+    A ``.safetensors`` file must have its header and every tensor's bytes (a truncated file fails
+    here); a ``.pth`` / ``.pt`` / ``.bin`` must load with ``torch.load(weights_only=True)``.
+
+    Raises:
+        ValueError: naming ``backbone.weights``, the path and what was found: missing, truncated, not a
+            safetensors file, not a torch checkpoint, or a pickle with objects other than tensors.
+    """
+    if not path.is_file():
+        raise ValueError(f"backbone.weights: {str(path)!r} does not exist")
+    if path.suffix != ".safetensors":
+        _load_pickle(path)
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file or is truncated "
+                             f"({size} bytes; its header length field reads {length})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file (its header is not JSON)") from None
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if not ends:
+        raise ValueError(f"backbone.weights: {str(path)!r} is a safetensors file without tensors")
+    if 8 + length + max(ends) > size:
+        raise ValueError(f"backbone.weights: {str(path)!r} is truncated: its tensors need "
+                         f"{8 + length + max(ends)} bytes, the file has {size}")
 
 
 def unwrap_checkpoint(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:

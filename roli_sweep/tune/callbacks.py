@@ -1,0 +1,141 @@
+"""Ray Tune callbacks of a sweep: MLflow child runs (:class:`MlflowTrialCallback`) and one console line per
+finished trial (:class:`ConsoleProgress`), with failures told as the trial's own exception, in plain words."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
+from roli_sweep.tracking import ROLE_TAG, describe_trial_run, experiment_id, log_epoch_metrics, trial_status
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning)): (.*)$")
+
+
+def failure_reason(error: BaseException | str) -> str:
+    """The trial's own exception as ``Type: message``, without Ray's wrapper line or ANSI codes.
+
+    ``error`` is an exception Ray Tune reports (its ``cause``, when it wraps one, is the trial's own) or
+    the text of a trial's error file, whose last ``Type: message`` line is the trial's exception.
+    """
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, BaseException) and not isinstance(cause, str):
+        text = f"{type(cause).__name__}: {cause}"
+        if not type(cause).__name__.startswith("RayTaskError"):
+            return ANSI.sub("", text).splitlines()[0] if text.strip() else type(cause).__name__
+        error = str(cause)
+    lines = [ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    found = [f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" for m in map(EXCEPTION_LINE.match, lines) if m]
+    return (found[-1] if found else next((line for line in reversed(lines) if line), "unknown error"))[:500]
+
+
+class MlflowTrialCallback(tune.Callback):
+    """One MLflow child run per trial under the sweep's parent run.
+
+    Holds only plain data, so Ray can pickle it with the experiment state and ``Tuner.restore`` brings it
+    back; the client is recreated on demand. On a restore, a trial that already has a child run (tag
+    ``trial_id``) reuses it, and epochs it already logged are not logged again (a checkpoint is registered
+    only after its result went to the callbacks, so a resumed trial may report an epoch twice).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, sweep: str,
+                 base: dict[str, Any]) -> None:
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.sweep, self.base = sweep, base
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}
+        self._logged: dict[str, int] = {}  # trial id -> last epoch logged
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"], state["_runs"], state["_logged"] = None, {}, {}
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _describe(self, run_id: str, trial) -> None:
+        """Log the trial's resolved config; a sampled combination the config rejects is logged as such
+        (the trial itself then fails on the same error and is recorded as failed)."""
+        try:
+            cfg = apply_overrides(TrialConfig.model_validate(self.base), trial.config)
+        except ConfigError as err:
+            self.client.log_text(run_id, str(err), "config_error.txt")
+            return
+        describe_trial_run(self.client, run_id, cfg)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        exp = experiment_id(self.client, self.experiment)
+        found = self.client.search_runs(
+            [exp], filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.sweep}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "status", "running")
+            steps = [m.step for m in self.client.get_metric_history(run_id, "train_loss")]
+            self._logged[trial.trial_id] = max(steps, default=-1)
+        else:
+            run = self.client.create_run(exp, run_name=f"{self.sweep}/{trial.trial_id}", tags={
+                "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
+                ROLE_TAG: "trial", "status": "running"})
+            run_id = run.info.run_id
+            self._describe(run_id, trial)
+            self.client.log_batch(run_id, tags=[RunTag(f"sampled.{k}", str(v)) for k, v in trial.config.items()])
+            self._logged[trial.trial_id] = -1
+        self._runs[trial.trial_id] = run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id, epoch = self._runs.get(trial.trial_id), int(result.get("epoch", -1))
+        if run_id is None or epoch <= self._logged[trial.trial_id]:
+            return
+        log_epoch_metrics(self.client, run_id, result)
+        self._logged[trial.trial_id] = epoch
+
+    def _finish(self, trial, errored: bool) -> None:
+        run_id = self._runs.pop(trial.trial_id, None)
+        if run_id is None:
+            return
+        last = trial.last_result or {}
+        status = trial_status(self.base["finetune"]["epochs"], last.get("epoch"), errored)
+        self.client.set_tag(run_id, "status", status)
+        if errored and trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+            self.client.log_text(run_id, text, "error.txt")
+            self.client.set_tag(run_id, "failure", failure_reason(text))
+        self.client.set_terminated(run_id, "FAILED" if errored else "FINISHED")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, errored=True)
+
+
+class ConsoleProgress(tune.Callback):
+    """One line per finished trial (Ray's own output is turned off); a failure as the trial's own exception."""
+
+    def __init__(self, finetune_epochs: int) -> None:
+        self.finetune_epochs = finetune_epochs
+
+    def _line(self, trial, errored: bool) -> None:
+        last = trial.last_result or {}
+        status = trial_status(self.finetune_epochs, last.get("epoch"), errored)
+        scores = (f": best val clean {last['best_val_clean_acc']:.3f}, robust {last['best_val_robust_acc']:.3f}"
+                  if "best_val_robust_acc" in last else "")
+        if errored and trial.error_file and Path(trial.error_file).is_file():
+            scores = f": {failure_reason(Path(trial.error_file).read_text())}"
+        print(f"trial {trial.trial_id} {status} after {last.get('epoch', 0)} epoch(s){scores}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, errored=True)

@@ -1,0 +1,224 @@
+"""Off the happy path, with real Ray and real MLflow: Ctrl+C and resume, divergence, failing trials, corrupt
+weights, missing data, Ray's authentication, and no Ray process left behind."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from roli_sweep.cli import main
+from tests.conftest import write_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ray_processes() -> set[int]:
+    """Pids of the Ray processes on this machine (GCS, raylet, agents, workers)."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
+        if any(tag in text for tag in ("gcs_server", "raylet", "ray::", "dashboard/agent", "runtime_env/agent",
+                                       "log_monitor", "ray/_private/monitor")):
+            found.add(proc.pid)
+    return found
+
+
+def _corrupt(kind: str, folder: Path, tiny_weights: Path) -> Path:
+    if kind == "truncated_safetensors":
+        path = folder / "cut.safetensors"
+        path.write_bytes(tiny_weights.read_bytes()[:-200])
+    elif kind == "not_safetensors":
+        path = folder / "text.safetensors"
+        path.write_text("not a checkpoint")
+    elif kind == "random_pth":
+        path = folder / "noise.pth"
+        path.write_bytes(os.urandom(4096))
+    else:  # a training script's checkpoint with a non-tensor object in it
+        import argparse
+
+        path = folder / "with_args.pth"
+        torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated_safetensors", "not_safetensors", "random_pth", "pickle_with_objects"])
+def test_corrupt_weights_exit_2_naming_the_file(tmp_path, monkeypatch, capsys, space_dict, tiny_weights, kind):
+    monkeypatch.chdir(tmp_path)
+    weights = _corrupt(kind, tmp_path, tiny_weights)
+    tree = copy.deepcopy(space_dict)
+    tree["base"]["backbone"]["weights"] = str(weights)
+    status = main(["--space", str(write_yaml(tmp_path / "space.yaml", tree)),
+                   "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert status == 2
+    assert out.count("backbone.weights") == 1 and str(weights) in out
+    expected = {"truncated_safetensors": "truncated", "not_safetensors": "not a safetensors file",
+                "random_pth": "not a PyTorch checkpoint", "pickle_with_objects": "argparse.Namespace"}[kind]
+    assert expected in out and "weights_only=False" not in out and "Traceback" not in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_missing_dataset_exits_2_before_anything_starts(tmp_path, monkeypatch, capsys, space_dict):
+    monkeypatch.chdir(tmp_path)
+    tree = copy.deepcopy(space_dict)
+    tree["base"]["data"] = {"name": "cifar10", "root": str(tmp_path / "empty")}
+    status = main(["--space", str(write_yaml(tmp_path / "space.yaml", tree)),
+                   "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert status == 2 and "data.root" in out and "cifar-10-batches-py" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_a_sweep_whose_trials_all_diverge_fails(tmp_path, monkeypatch, capsys, ray_runtime, space_dict):
+    monkeypatch.chdir(tmp_path)
+    tree = copy.deepcopy(space_dict)
+    tree["num_samples"] = 2
+    tree["parameters"] = {"finetune.lr": {"values": [1.0e30]}}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--space", str(write_yaml(tmp_path / "div.yaml", tree)), "--name", "div", "--tracking-uri", uri]) == 1
+    out = capsys.readouterr().out
+    assert "every trial failed" in out and "DivergenceError: non-finite" in out
+    assert "export" not in out.split("every trial failed")[1]
+    client = MlflowClient(uri)
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.sweep = 'div' and tags.sweep_role = 'trial'")
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags["status"] == "failed" and "non-finite" in child.data.tags["failure"]
+        assert "at finetune epoch 1, step" in child.data.tags["failure"] and "test_robust_acc" not in child.data.metrics
+    import optuna
+
+    study = optuna.load_study(study_name="div", storage=f"sqlite:///{tmp_path}/ray_results/div/optuna.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert main(["export", "--name", "div", "--tracking-uri", uri, "--out", str(tmp_path / "x")]) == 2
+
+
+def test_ray_authentication_is_on(ray_runtime):
+    """A client without the token is refused by the sweep's runtime (Ray 2.60 token authentication)."""
+    gcs = ray_runtime._private.worker.global_worker.node.gcs_address
+    probe = ("import ray._raylet as r\n"
+             "try:\n    r.GcsClient(address=%r).internal_kv_keys(b'', namespace=None, timeout=5)\n"
+             "    print('ACCEPTED')\n"
+             "except Exception as e:\n    print('REFUSED', type(e).__name__)" % gcs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+
+    def ask(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": mode}, capture_output=True,
+                              text=True, timeout=60).stdout
+
+    assert "REFUSED AuthenticationError" in ask("disabled")
+    assert "ACCEPTED" in ask("token"), "with the token (~/.ray/auth_token) the same client gets in"
+
+
+def _space_for_interrupt(space_dict: dict, tmp_path: Path) -> Path:
+    tree = copy.deepcopy(space_dict)
+    tree.update(num_samples=3, max_concurrent=2)
+    tree["scheduler"] = {"grace_period": 4, "reduction_factor": 2, "max_t": 4}  # no pruning
+    tree["base"]["data"].update(train_size=256)
+    tree["base"]["finetune"]["epochs"] = 4
+    tree["base"]["eval"]["final"].update(n_examples=8, autoattack=False)
+    tree["parameters"] = {"finetune.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}}
+    return write_yaml(tmp_path / "space.yaml", tree)
+
+
+def _finetune_epochs_logged(db: Path) -> int:
+    """The most finetune epochs any trial of the sweep has logged so far."""
+    if not db.exists():
+        return 0
+    try:
+        client = MlflowClient(f"sqlite:///{db}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.sweep_role = 'trial'")
+        return max((len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs), default=0)
+    except Exception:  # noqa: BLE001 - the subprocess is still creating the store
+        return 0
+
+
+def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space_dict):
+    space = _space_for_interrupt(space_dict, tmp_path)
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "cc",
+               "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
+    before = _ray_processes()
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.5)
+    assert sweep.poll() is None, sweep.stdout.read()
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl+C in a terminal signals the whole foreground group
+    out, _ = sweep.communicate(timeout=240)
+    assert sweep.returncode == 130, out
+    resume = next(line.strip() for line in out.splitlines() if "--resume" in line and "run_sweep.py" in line)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
+    assert parent.info.status == "KILLED" and parent.data.tags["status"] == "interrupted"
+    children = client.search_runs(exp, filter_string="tags.sweep_role = 'trial'")
+    assert children and not [c for c in children if c.info.status == "RUNNING"]
+    interrupted = [c.info.run_id for c in children if c.data.tags["status"] == "interrupted"]
+    assert interrupted and all(c.info.status == "KILLED" for c in children if c.info.run_id in interrupted)
+    epochs_before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
+    time.sleep(1)
+    assert _ray_processes() <= before, "no Ray process of the interrupted sweep remains"
+
+    # the printed command, as the user would run it
+    resumed = subprocess.run(resume.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (parent_after,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    children = client.search_runs(exp, filter_string="tags.sweep_role = 'trial'")
+    assert len(children) == 3 and {c.data.tags["status"] for c in children} == {"completed"}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
+    # no epoch ran twice, none restarted from epoch 1: across both runs each trial computed every epoch once
+    # (Ray Tune writes the last result of an interrupted trial to result.json a second time, unchanged)
+    for result_file in storage.glob("cc/*/result.json"):
+        records = {(r.get("epoch"), r["timestamp"], r["training_iteration"]) for r in
+                   map(json.loads, filter(str.strip, result_file.read_text().splitlines()))}
+        epochs = sorted(epoch for epoch, _, _ in records if epoch)
+        assert epochs == sorted(set(epochs)) and epochs[-1] == 4, (result_file, sorted(records))
+    assert any(0 < n < 4 for run_id, n in epochs_before.items() if run_id in interrupted)
+    time.sleep(1)
+    assert _ray_processes() <= before, "no Ray process of the resumed sweep remains"
+
+
+def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict):
+    """SIGKILL leaves Ray's agents behind; the next start ends them by their recorded pids and start times,
+    then the resumed sweep finishes every trial."""
+    space = _space_for_interrupt(space_dict, tmp_path)
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "kk",
+               "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
+    before = _ray_processes()
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.5)
+    record = json.loads((storage / ".ray_runtime.json").read_text())
+    os.kill(sweep.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
+    sweep.wait()
+    time.sleep(3)
+    recorded = {p["pid"] for p in record["processes"]}
+    assert (_ray_processes() - before) & recorded, "Ray's agents outlive a killed driver"
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    time.sleep(1)
+    assert not (_ray_processes() - before), "neither the stale runtime nor the resumed one remains"
+    assert not (storage / ".ray_runtime.json").exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.sweep_role = 'trial'")
+    assert len(children) == 3 and {c.data.tags["status"] for c in children} == {"completed"}
