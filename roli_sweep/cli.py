@@ -149,15 +149,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 final_table.add_row(row.trial_id, "[red]failed[/]", "", "", row.final["error"])
                 continue
             m, checks = row.final["metrics"], row.final["checks"]
-            warned = [name for name, status, _ in checks if status != "pass"]
+            warned = [check for check, status, _ in checks if status != "pass"]
             final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
                                 _fmt(m.get("final_autoattack_acc")),
                                 "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
         console.print(final_table)
         for row in finals:
-            for name, status, detail in row.final.get("checks", []):
+            for check, status, detail in row.final.get("checks", []):  # `name` stays the sweep's name
                 if status != "pass":
-                    console.print(f"[bold red]trial {row.trial_id} masking check {name}: warning[/] ({detail})",
+                    console.print(f"[bold red]trial {row.trial_id} masking check {check}: warning[/] ({detail})",
                                   highlight=False)
     for row in outcome.rows:
         if row.error:
@@ -288,3 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}", highlight=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C outside a sweep's trials (which handles its own)
+        console.print("[bold yellow]interrupted[/]")
+        return 130

@@ -86,8 +86,9 @@ def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path,
         found = client.search_runs([exp], filter_string=f"tags.sweep = '{sweep}' and tags.{ROLE_TAG} = 'parent'")
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
+            client.set_tag(found[0].info.run_id, "status", "running")
             return found[0].info.run_id
-    run = client.create_run(exp, run_name=sweep, tags={"sweep": sweep, ROLE_TAG: "parent",
+    run = client.create_run(exp, run_name=sweep, tags={"sweep": sweep, ROLE_TAG: "parent", "status": "running",
                                                        "space_file": str(space_path), **provenance_tags()})
     run_id = run.info.run_id
     client.log_artifact(run_id, str(space_path))
@@ -113,6 +114,7 @@ def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] 
         client.set_tag(run_id, "best_trial_id", best_trial or "")
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_tag(run_id, "status", "finished")
     client.set_terminated(run_id, "FINISHED")
 
 

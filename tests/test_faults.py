@@ -20,17 +20,33 @@ from roli_sweep.cli import main
 from tests.conftest import write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 6
+"""Finetune epochs of the sweeps these tests interrupt."""
 
 
-def _ray_processes() -> set[int]:
-    """Pids of the Ray processes on this machine (GCS, raylet, agents, workers)."""
+def _ray_processes(*sessions: int) -> set[int]:
+    """Pids of the Ray processes (GCS, raylet, agents, workers) in the given process sessions: the sweeps the
+    test started with ``start_new_session``, not the test session's own runtime or anything else."""
     found = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) not in sessions:
+                continue
+        except OSError:  # gone meanwhile
+            continue
         text = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
-        if any(tag in text for tag in ("gcs_server", "raylet", "ray::", "dashboard/agent", "runtime_env/agent",
-                                       "log_monitor", "ray/_private/monitor")):
+        if any(tag in text for tag in ("gcs_server", "raylet", "ray::", "dashboard", "runtime_env", "log_monitor",
+                                       "ray/_private/monitor", "default_worker")):
             found.add(proc.pid)
     return found
+
+
+def _wait_gone(*sessions: int, seconds: float = 20) -> set[int]:
+    """The Ray processes of ``sessions`` still there after up to ``seconds`` (workers exit once their raylet is gone)."""
+    deadline = time.time() + seconds
+    while (left := _ray_processes(*sessions)) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def _corrupt(kind: str, folder: Path, tiny_weights: Path) -> Path:
@@ -123,24 +139,27 @@ def test_ray_authentication_is_on(ray_runtime):
 def _space_for_interrupt(space_dict: dict, tmp_path: Path) -> Path:
     tree = copy.deepcopy(space_dict)
     tree.update(num_samples=3, max_concurrent=2)
-    tree["scheduler"] = {"grace_period": 4, "reduction_factor": 2, "max_t": 4}  # no pruning
-    tree["base"]["data"].update(train_size=256)
-    tree["base"]["finetune"]["epochs"] = 4
+    tree["scheduler"] = {"grace_period": EPOCHS, "reduction_factor": 2, "max_t": EPOCHS}  # no pruning
+    tree["base"]["data"].update(train_size=1000)  # about a second per epoch: Ctrl+C lands mid-trial
+    tree["base"]["attack"]["steps"] = 5
+    tree["base"]["finetune"]["epochs"] = EPOCHS
     tree["base"]["eval"]["final"].update(n_examples=8, autoattack=False)
     tree["parameters"] = {"finetune.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}}
     return write_yaml(tmp_path / "space.yaml", tree)
 
 
 def _finetune_epochs_logged(db: Path) -> int:
-    """The most finetune epochs any trial of the sweep has logged so far."""
+    """The most finetune epochs any run has logged so far, read from the sweep's SQLite store read-only (an
+    MlflowClient here could race the sweep's own creation of the tables)."""
+    import sqlite3
+
     if not db.exists():
         return 0
     try:
-        client = MlflowClient(f"sqlite:///{db}")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="tags.sweep_role = 'trial'")
-        return max((len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs), default=0)
-    except Exception:  # noqa: BLE001 - the subprocess is still creating the store
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            rows = con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss' GROUP BY run_uuid").fetchall()
+        return max((n for (n,) in rows), default=0)
+    except sqlite3.Error:  # the sweep is still creating the store
         return 0
 
 
@@ -149,12 +168,11 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
     db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
     command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "cc",
                "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
-    before = _ray_processes()
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     deadline = time.time() + 240
     while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert sweep.poll() is None, sweep.stdout.read()
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl+C in a terminal signals the whole foreground group
     out, _ = sweep.communicate(timeout=240)
@@ -169,29 +187,32 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
     interrupted = [c.info.run_id for c in children if c.data.tags["status"] == "interrupted"]
     assert interrupted and all(c.info.status == "KILLED" for c in children if c.info.run_id in interrupted)
     epochs_before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
-    time.sleep(1)
-    assert _ray_processes() <= before, "no Ray process of the interrupted sweep remains"
+    assert not _wait_gone(sweep.pid), "no Ray process of the interrupted sweep remains"
 
     # the printed command, as the user would run it
-    resumed = subprocess.run(resume.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(resume.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (parent_after,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    assert parent_after.data.tags["status"] == "finished"
     children = client.search_runs(exp, filter_string="tags.sweep_role = 'trial'")
     assert len(children) == 3 and {c.data.tags["status"] for c in children} == {"completed"}
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
-        assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once"
-    # no epoch ran twice, none restarted from epoch 1: across both runs each trial computed every epoch once
-    # (Ray Tune writes the last result of an interrupted trial to result.json a second time, unchanged)
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), "every epoch logged exactly once"
+    # no trial restarted from epoch 1: a restored trial continues after its last registered checkpoint, so
+    # at most the epoch whose result was in flight at Ctrl+C runs again (with the same numbers)
     for result_file in storage.glob("cc/*/result.json"):
-        records = {(r.get("epoch"), r["timestamp"], r["training_iteration"]) for r in
-                   map(json.loads, filter(str.strip, result_file.read_text().splitlines()))}
-        epochs = sorted(epoch for epoch, _, _ in records if epoch)
-        assert epochs == sorted(set(epochs)) and epochs[-1] == 4, (result_file, sorted(records))
-    assert any(0 < n < 4 for run_id, n in epochs_before.items() if run_id in interrupted)
-    time.sleep(1)
-    assert _ray_processes() <= before, "no Ray process of the resumed sweep remains"
+        results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        resumed_at = [i for i, r in enumerate(results) if r["iterations_since_restore"] == 1 and i > 0]
+        if not resumed_at:
+            continue
+        before, after = results[:resumed_at[0]], results[resumed_at[0]:]
+        last_before = max(r["epoch"] for r in before)
+        assert after[0]["epoch"] >= max(1, last_before), (result_file, [r["epoch"] for r in results])
+        assert [r["epoch"] for r in after] == list(range(after[0]["epoch"], EPOCHS + 1))
+    assert any(0 < n < EPOCHS for run_id, n in epochs_before.items() if run_id in interrupted)
 
 
 def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict):
@@ -201,24 +222,59 @@ def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dic
     db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
     command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "kk",
                "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
-    before = _ray_processes()
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.time() + 240
     while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
     record = json.loads((storage / ".ray_runtime.json").read_text())
     os.kill(sweep.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
     sweep.wait()
     time.sleep(3)
     recorded = {p["pid"] for p in record["processes"]}
-    assert (_ray_processes() - before) & recorded, "Ray's agents outlive a killed driver"
-    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    time.sleep(1)
-    assert not (_ray_processes() - before), "neither the stale runtime nor the resumed one remains"
+    assert _ray_processes(sweep.pid) & recorded, "Ray's agents outlive a killed driver"
+    resumed = subprocess.Popen(command + ["--resume"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert not _wait_gone(sweep.pid, resumed.pid), "neither the stale runtime nor the resumed one remains"
     assert not (storage / ".ray_runtime.json").exists()
     client = MlflowClient(f"sqlite:///{db}")
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string="tags.sweep_role = 'trial'")
     assert len(children) == 3 and {c.data.tags["status"] for c in children} == {"completed"}
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, space_dict):
+    from roli_sweep.tune.runtime import end_stale_runtime
+
+    space = _space_for_interrupt(space_dict, tmp_path)
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "twice",
+                              "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGINT)
+    time.sleep(0.2)
+    pressed = time.time()
+    os.killpg(sweep.pid, signal.SIGINT)
+    assert sweep.wait(timeout=30) == 130 and time.time() - pressed < 5
+    end_stale_runtime(storage)  # what the next start does
+    assert not _wait_gone(sweep.pid)
+
+
+def test_no_ray_process_outlives_a_sweep_whose_trials_all_fail(tmp_path, space_dict):
+    tree = copy.deepcopy(space_dict)
+    tree.update(num_samples=2)
+    tree["parameters"] = {"finetune.lr": {"values": [1.0e30]}}
+    space = write_yaml(tmp_path / "div.yaml", tree)
+    done = subprocess.Popen([sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "div",
+                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path",
+                             str(tmp_path / "ray_results"), "--num-cpus", "2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 1 and "DivergenceError" in out
+    assert not _wait_gone(done.pid)

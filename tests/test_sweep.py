@@ -20,11 +20,17 @@ def _children(client: MlflowClient, sweep: str):
     return parent[0], children
 
 
-def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space_dict):
+def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = write_yaml(tmp_path / "tiny.yaml", space_dict)
     assert main(["--space", str(space), "--name", "s1", "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    # the export command the sweep prints, run as printed
+    export = next(line for line in printed.splitlines() if line.startswith("export the best: python "))
+    args = export.split("python ", 1)[1].split()[1:]
+    assert args[:3] == ["export", "--name", "s1"] and main(args) == 0
+    assert len(list((tmp_path / "exported").glob("s1-rank*.yaml"))) >= 1
 
     client = MlflowClient(uri)
     parent, children = _children(client, "s1")
@@ -82,7 +88,7 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     parent_again, children_again = _children(client, "s1")
     assert parent_again.info.run_id == parent.info.run_id and len(children_again) == 4
 
-    out = tmp_path / "exported"
+    out = tmp_path / "top2"
     assert main(["export", "--name", "s1", "--top-k", "2", "--out", str(out), "--tracking-uri", uri]) == 0
     files = sorted(out.glob("*.yaml"))
     assert 1 <= len(files) <= 2

@@ -23,8 +23,8 @@ RECORD = ".ray_runtime.json"
 def end_stale_runtime(storage_path: Path) -> list[int]:
     """End the processes of a runtime recorded in ``storage_path`` whose driver is gone; returns their pids.
 
-    Each is ended only if its pid still belongs to the process recorded (same start time): SIGTERM,
-    then SIGKILL after 5 s.
+    Each is ended only if its pid still belongs to the process recorded (same start time), with the
+    processes it started since (the raylet's workers): SIGTERM, then SIGKILL after 5 s.
     """
     record = storage_path / RECORD
     if not record.is_file():
@@ -38,8 +38,10 @@ def end_stale_runtime(storage_path: Path) -> list[int]:
             process = psutil.Process(entry["pid"])
             if _same(entry, process):
                 stale.append(process)
+                stale += process.children(recursive=True)  # workers the raylet started after the record
         except psutil.NoSuchProcess:
             continue
+    stale = list({p.pid: p for p in stale}.values())
     for process in stale:
         process.terminate()
     _, alive = psutil.wait_procs(stale, timeout=5)
