@@ -240,7 +240,10 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
     outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
                            interrupted=interruption.pressed)
     if outcome.interrupted:
-        mark_interrupted(client, parent_run_id)
+        stopped = mark_interrupted(client, parent_run_id)
+        for row in rows:  # not pruned: --resume continues them
+            if row.trial_id in stopped:
+                row.status = "interrupted"
         return outcome
     best = outcome.best()
     counts = {s: sum(r.status == s for r in rows) for s in ("completed", "pruned", "failed")}

@@ -118,8 +118,12 @@ def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] 
     client.set_terminated(run_id, "FINISHED")
 
 
-def mark_interrupted(client: MlflowClient, parent_run_id: str) -> None:
-    """After Ctrl+C: the parent run and its unfinished child runs KILLED, with tag ``status=interrupted``."""
+def mark_interrupted(client: MlflowClient, parent_run_id: str) -> set[str]:
+    """After Ctrl+C: the parent run and its unfinished child runs KILLED, with tag ``status=interrupted``.
+
+    Returns:
+        The trial ids of the child runs marked.
+    """
     run = client.get_run(parent_run_id)
     children = client.search_runs([run.info.experiment_id], filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.status = 'running'"), max_results=10000)
@@ -128,6 +132,7 @@ def mark_interrupted(client: MlflowClient, parent_run_id: str) -> None:
         client.set_terminated(child.info.run_id, "KILLED")
     client.set_tag(parent_run_id, "status", "interrupted")
     client.set_terminated(parent_run_id, "KILLED")
+    return {child.data.tags.get("trial_id", "") for child in children}
 
 
 def final_eval_record(run_id: str, client: MlflowClient, final: dict[str, Any]) -> None:

@@ -186,6 +186,10 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
     assert children and not [c for c in children if c.info.status == "RUNNING"]
     interrupted = [c.info.run_id for c in children if c.data.tags["status"] == "interrupted"]
     assert interrupted and all(c.info.status == "KILLED" for c in children if c.info.run_id in interrupted)
+    table = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ ")}
+    for child in children:
+        if child.info.run_id in interrupted:
+            assert "interrupted" in table[child.data.tags["trial_id"]], "shown as interrupted, not pruned"
     epochs_before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
     assert not _wait_gone(sweep.pid), "no Ray process of the interrupted sweep remains"
 
