@@ -24,12 +24,9 @@ def failure_reason(error: BaseException | str) -> str:
     the text of a trial's error file, whose last ``Type: message`` line is the trial's exception.
     """
     cause = getattr(error, "cause", None) or error
-    if isinstance(cause, BaseException) and not isinstance(cause, str):
-        text = f"{type(cause).__name__}: {cause}"
-        if not type(cause).__name__.startswith("RayTaskError"):
-            return ANSI.sub("", text).splitlines()[0] if text.strip() else type(cause).__name__
-        error = str(cause)
-    lines = [ANSI.sub("", line).strip() for line in str(error).splitlines()]
+    if isinstance(cause, BaseException) and not type(cause).__name__.startswith("RayTaskError"):
+        return ANSI.sub("", f"{type(cause).__name__}: {cause}").splitlines()[0]
+    lines = [ANSI.sub("", line).strip() for line in str(cause).splitlines()]
     found = [f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" for m in map(EXCEPTION_LINE.match, lines) if m]
     return (found[-1] if found else next((line for line in reversed(lines) if line), "unknown error"))[:500]
 
