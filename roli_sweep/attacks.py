@@ -73,16 +73,35 @@ def pgd(
         for each example the iterate with the highest cross-entropy among all visited (among the
         misclassified ones first, with ``prefer_misclassified``).
     """
+    if steps == 0 or eps == 0:
+        return x.detach().clone()  # no attack: clean images (no random start either)
+    return _search(model, x, y, eps, step_size, steps, random_init, generator, prefer_misclassified)[0]
+
+
+def pgd_broken(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+               random_init: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per example (B,) bool: some iterate of :func:`pgd` (``prefer_misclassified``) is misclassified.
+
+    The same verdict as ``model(pgd(...)).argmax(1) != y``, without that extra forward pass: the attack
+    already scored every iterate. Arguments as :func:`pgd`; with ``steps == 0`` it scores ``x`` itself.
+    """
+    return _search(model, x, y, eps, step_size, steps, random_init, generator, True)[1]
+
+
+def _search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+            random_init: bool, generator: torch.Generator | None,
+            prefer_misclassified: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pgd`'s loop: the chosen iterate per example (B, C, H, W) and whether any iterate was misclassified (B,)."""
     x = x.detach()
     if steps == 0 or eps == 0:
-        return x.clone()  # no attack: clean images (no random start either)
+        steps, random_init = 0, False  # no attack: clean images (no random start either)
     x_adv = random_start(x, eps, generator) if random_init else x.clone()
     best = x_adv.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
     best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with eval_mode(model), torch.enable_grad():
         for step in range(steps + 1):  # steps + 1 evaluations: the last one scores the final iterate
-            x_adv.requires_grad_(True)
+            x_adv.requires_grad_(steps > 0)
             logits = model(x_adv)  # (B, K)
             loss = F.cross_entropy(logits, y, reduction="none")  # (B,)
             improved = loss.detach() > best_loss
@@ -90,10 +109,12 @@ def pgd(
                 wrong = logits.detach().argmax(1) != y
                 improved = (wrong & ~best_wrong) | ((wrong == best_wrong) & improved)
                 best_wrong |= wrong
+            else:
+                best_wrong |= logits.detach().argmax(1) != y
             best[improved] = x_adv.detach()[improved]
             best_loss = torch.where(improved, loss.detach(), best_loss)
             if step == steps:
                 break
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)  # w.r.t. the input only
             x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return best
+    return best, best_wrong

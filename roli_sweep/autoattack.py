@@ -12,8 +12,9 @@ classified correctly clean:
 torchattacks 3.3's own ``AutoAttack(version='standard')`` keeps its components' default 10 steps and
 ``n_classes - 1`` target classes, and its ``Square`` defaults to the rescaled schedule, so it is a
 weaker attack than the published one. Here each component is configured explicitly
-(:class:`roli_sweep.config.AutoAttackConfig`, defaults = the published values) and chained with
-torchattacks' ``MultiAttack``, which attacks only the examples still robust. With fewer than 10
+(:class:`roli_sweep.config.AutoAttackConfig`, defaults = the published values) and chained as
+``MultiAttack`` chains them, each attacking only the examples still robust, recording which one broke
+each example. With fewer than 10
 classes the targeted attacks use every other class (``K - 1`` targets), as the reference does.
 A configuration that differs from the published one is labelled ``custom``, never ``standard``.
 """
@@ -31,8 +32,14 @@ def target_classes(cfg: AutoAttackConfig, num_classes: int) -> int:
     return max(1, min(cfg.target_classes, num_classes - 1))
 
 
-def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAttackConfig, seed: int):
-    """The four attacks of :mod:`roli_sweep.autoattack`, configured as ``cfg`` says, chained by ``MultiAttack``.
+STAGES = ("APGD-CE", "APGD-T", "FAB-T", "Square")
+"""AutoAttack's components in the published order."""
+ROBUST, MISCLASSIFIED = -1, -2
+"""Outcomes of :func:`autoattack_outcomes` besides a stage index."""
+
+
+def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAttackConfig, seed: int) -> list:
+    """The four attacks of :mod:`roli_sweep.autoattack`, configured as ``cfg`` says, in the published order.
 
     Args:
         model: images (B, C, H, W) in [0, 1] -> logits (B, K); normalisation inside it.
@@ -41,13 +48,13 @@ def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAt
         seed: the random starts of every component.
 
     Returns:
-        A ``torchattacks.MultiAttack`` whose ``attacks`` are APGD-CE, APGD-T, FAB-T and Square.
+        torchattacks' APGD-CE, APGD-T, FAB-T and Square (:data:`STAGES`).
     """
     import torchattacks
 
     targets = target_classes(cfg, num_classes)
     # torchattacks' targeted attacks run n_classes - 1 targets, so n_classes = targets + 1 sets the count
-    attacks = [
+    return [
         torchattacks.APGD(model, norm="Linf", eps=eps, steps=cfg.apgd_steps, n_restarts=1, seed=seed,
                           loss="ce", eot_iter=1, rho=0.75),
         torchattacks.APGDT(model, norm="Linf", eps=eps, steps=cfg.apgd_steps, n_restarts=1, seed=seed,
@@ -57,25 +64,31 @@ def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAt
         torchattacks.Square(model, norm="Linf", eps=eps, n_queries=cfg.square_queries, n_restarts=1, p_init=0.8,
                             loss="margin", resc_schedule=False, seed=seed),
     ]
-    return torchattacks.MultiAttack(attacks)
 
 
-def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float,
-                      num_classes: int, cfg: AutoAttackConfig, seed: int) -> torch.Tensor:
-    """Per example (B,): classified correctly clean and still correctly after every AutoAttack component.
+def autoattack_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float,
+                        num_classes: int, cfg: AutoAttackConfig, seed: int) -> torch.Tensor:
+    """Per example (B,), int64: :data:`MISCLASSIFIED` when ``model(x)`` is wrong (never attacked), :data:`ROBUST`
+    when every component left it correctly classified, else the index in :data:`STAGES` of the first
+    component that broke it.
 
     Args:
         x: images (B, C, H, W) in [0, 1]; y: labels (B,); clean: (B,) bool, ``model(x)`` correct.
 
-    Only the clean-correct examples are attacked (the reference drops the others first). The model
-    runs in eval mode, every submodule's mode is restored afterwards, and the global RNG is left as
-    it was (torchattacks' components reseed it).
+    Each component attacks only the examples all earlier ones left robust, starting from the
+    clean-correct ones, as the reference does (torchattacks' ``MultiAttack`` chains the same way but
+    does not say which attack broke what; the per-stage counts are what AutoAttack's own log prints and
+    what its Square check reads). The model runs in eval mode, every submodule's mode is restored
+    afterwards, and the global RNG is left as it was (the components reseed it).
     """
-    robust = clean.clone()
-    attacked = robust.nonzero().squeeze(1)
-    if len(attacked):
-        with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            x_adv = build_autoattack(model, eps, num_classes, cfg, seed)(x[attacked], y[attacked])
+    broken_by = torch.where(clean, ROBUST, MISCLASSIFIED).to(torch.int64)
+    with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for stage, attack in enumerate(build_autoattack(model, eps, num_classes, cfg, seed)):
+            left = (broken_by == ROBUST).nonzero().squeeze(1)
+            if not len(left):
+                break
+            x_adv = attack(x[left], y[left])
             with torch.no_grad():
-                robust[attacked] = model(x_adv).argmax(1) == y[attacked]
-    return robust
+                wrong = model(x_adv).argmax(1) != y[left]
+            broken_by[left[wrong]] = stage
+    return broken_by

@@ -11,22 +11,20 @@ import re
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
 
 from roli_sweep.config import (
     ConfigError,
-    evaluation_attack,
     load_pretrain_config,
     load_search_space,
     load_study_config,
     load_trial_config,
 )
 from roli_sweep.preflight import check_inputs
+from roli_sweep.console import default_console, print_sweep_end
 
 COMMANDS = ("sweep", "train", "export", "pretrain", "study")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep the table readable
+console = default_console()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://host:10001)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime (default: all)")
     sweep.add_argument("--storage-path", type=Path, default=Path("ray_results"), help="Ray Tune storage folder")
+    sweep.add_argument("--no-probe-cache", action="store_true",
+                       help="every trial computes its own stage-1 probe (default: one per distinct probe setting)")
 
     train = sub.add_parser("train", help="run one trial config without Ray and log it to MLflow")
     train.add_argument("--config", type=Path, required=True, help="trial config YAML (e.g. an exported one)")
@@ -79,17 +79,9 @@ def _positive(value: int | None, flag: str) -> None:
         raise ConfigError(f"{flag}: value {value} not allowed: must be a positive integer")
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def _script() -> str:
     """How the user called the entry point (``run_sweep.py`` as typed), for the commands printed."""
     return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
-
-
-def _sampled(row, space) -> list[str]:
-    return [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.sampled.get(k) for k in space.parameters)]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -112,59 +104,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console.print(f"[bold]sweep[/] {name}: {space.num_samples} trials of {space.base.finetune.method}, "
                   f"sampling {', '.join(space.parameters) or 'nothing'}")
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
-                        num_cpus=args.num_cpus, resume=args.resume)
+                        num_cpus=args.num_cpus, resume=args.resume, probe_cache=not args.no_probe_cache)
     resume = (f"python {_script()} --space {args.space} --name {name} --resume --tracking-uri {args.tracking_uri} "
               f"--storage-path {args.storage_path}" + (f" --address {args.address}" if args.address else ""))
-    threat = evaluation_attack(space.base.attack, space.base.eval)
-    eps = ("each trial's training eps" if space.base.eval.eps is None and "attack.eps" in space.parameters
-           else f"eps {threat.eps * 255:.3g}/255")
-    table = Table(title=f"sweep {name}: accuracies at the best val robust epoch (L-inf, {eps}, "
-                        f"val PGD-{space.base.eval.val_steps}, test PGD-{space.base.eval.test_steps})")
-    table.add_column("trial")
-    for key in space.parameters:
-        table.add_column(key.split(".")[-1], justify="right")
-    for column in ("status", "epochs", "val clean", "val robust", "test clean", "test robust"):
-        table.add_column(column, justify="right")
-    for row in sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1)):
-        table.add_row(row.trial_id, *_sampled(row, space), row.status, str(row.epochs), _fmt(row.val_clean_acc),
-                      _fmt(row.val_robust_acc), _fmt(row.test_clean_acc), _fmt(row.test_robust_acc))
-    console.print(table)
-    if space.metric.multi_objective:
-        front = Table(title="Pareto front of the completed trials: val clean vs val robust accuracy "
-                            "(plot: pareto_front.png in the parent run)")
-        for column in ("trial", *[k.split(".")[-1] for k in space.parameters], "val clean", "val robust"):
-            front.add_column(column, justify="right")
-        for row in outcome.pareto_front():
-            front.add_row(row.trial_id, *_sampled(row, space), _fmt(row.val_clean_acc), _fmt(row.val_robust_acc))
-        console.print(front)
-    finals = [r for r in sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1)) if r.final]
-    if finals:
-        threat = next((r.final["params"] for r in finals if "params" in r.final), {})
-        final_table = Table(title="final evaluation of the best trials (test): " + ", ".join(
-            f"{k.removeprefix('final_eval.')} {v}" for k, v in threat.items()))
-        for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
-            final_table.add_column(column, justify="right")
-        for row in finals:
-            if "error" in row.final:
-                final_table.add_row(row.trial_id, "[red]failed[/]", "", "", row.final["error"])
-                continue
-            m, checks = row.final["metrics"], row.final["checks"]
-            warned = [check for check, status, _ in checks if status != "pass"]
-            final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
-                                _fmt(m.get("final_autoattack_acc")),
-                                "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
-        console.print(final_table)
-        for row in finals:
-            for check, status, detail in row.final.get("checks", []):  # `name` stays the sweep's name
-                if status != "pass":
-                    console.print(f"[bold red]trial {row.trial_id} masking check {check}: warning[/] ({detail})",
-                                  highlight=False)
-    for row in outcome.rows:
-        if row.error:
-            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}", highlight=False)
+    print_sweep_end(console, outcome, space)
     console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
-                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    console.print(f"Ray Tune results: {outcome.storage_path / name}")
+                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / name}", highlight=False)
     if outcome.interrupted:
         console.print(f"[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {resume}",
                       highlight=False, soft_wrap=True)
@@ -176,7 +123,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             console.print(f"  {reason}", highlight=False, soft_wrap=True)
         return 1
     console.print(f"export the best: python {_script()} export --name {name} --top-k 3 --out exported "
-                  f"--tracking-uri {outcome.tracking_uri}", soft_wrap=True)
+                  f"--tracking-uri {outcome.tracking_uri}", soft_wrap=True, highlight=False)
     return 0
 
 
@@ -228,7 +175,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from roli_sweep.tracking import StudyRecorder
 
     filters = parse_filters(args.only)
-    state = StudyState(args.out / study.name)
+    state = StudyState(args.out / study.name, study)
 
     recorder = StudyRecorder(args.tracking_uri, study.name, args.config, args.config.read_text())
     if not args.report_only:

@@ -90,9 +90,15 @@ DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {}
 
 
 def register_dataset(name: str) -> Callable[[Callable[[DataConfig], RawSplits]], Callable[[DataConfig], RawSplits]]:
-    """Decorator: register a loader ``(DataConfig) -> RawSplits`` under ``name``."""
+    """Decorator: register a loader ``(DataConfig) -> RawSplits`` under ``name``.
+
+    Raises:
+        ValueError: ``name`` is registered already (a second loader would silently replace the first).
+    """
 
     def add(loader: Callable[[DataConfig], RawSplits]) -> Callable[[DataConfig], RawSplits]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is registered already (by {DATASETS[name].__qualname__})")
         DATASETS[name] = loader
         return loader
 

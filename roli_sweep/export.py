@@ -10,10 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import yaml
 from mlflow.tracking import MlflowClient
 
-from roli_sweep.config import TrialConfig, dump_yaml
 from roli_sweep.tracking import ROLE_TAG, TRIAL_CONFIG_ARTIFACT
 
 
@@ -59,7 +57,7 @@ def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path) -> lis
     for rank, run in enumerate(children, start=1):
         with tempfile.TemporaryDirectory() as tmp:
             logged = client.download_artifacts(run.info.run_id, TRIAL_CONFIG_ARTIFACT, tmp)
-            cfg = TrialConfig.model_validate(yaml.safe_load(Path(logged).read_text()))
+            config_text = Path(logged).read_text()  # the resolved config, validated when the trial ran
         trial_id = run.data.tags.get("trial_id", run.info.run_id)
         m = run.data.metrics
         header = (f"# sweep {sweep}, rank {rank} of {len(children)} by best val_robust_acc\n"
@@ -69,6 +67,6 @@ def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path) -> lis
                   f"test clean {m.get('test_clean_acc', float('nan')):.4f}, "
                   f"test robust {m.get('test_robust_acc', float('nan')):.4f}\n")
         path = out_dir / f"{sweep}-rank{rank}-{trial_id}.yaml"
-        path.write_text(header + dump_yaml(cfg))
+        path.write_text(header + config_text)
         written.append(path)
     return written

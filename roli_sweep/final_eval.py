@@ -8,12 +8,15 @@ test split or its first ``n_examples`` (a stated subset). The model runs in eval
 
 :func:`evaluate_and_check` adds the gradient-masking checks of :mod:`roli_sweep.masking`.
 
-The per-example outcomes are written to a JSON state file after every batch, so an interrupted
-AutoAttack run continues at the next batch; a state written for another threat model is refused.
+The evaluation is split into independent pieces (:class:`FinalEvaluation`): batches of test examples
+and the pieces of the masking checks. Their outcomes are written to a JSON state file as each piece
+finishes, so an interrupted run continues with the pieces not yet done; a state written for another
+threat model is refused.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,11 +25,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from roli_sweep.attacks import pgd
-from roli_sweep.autoattack import autoattack_robust, target_classes
+from roli_sweep.attacks import pgd_broken
+from roli_sweep.autoattack import ROBUST, STAGES, autoattack_outcomes, target_classes
 from roli_sweep.config import FinalEvalConfig, TrialConfig, evaluation_attack
-from roli_sweep.masking import Check, run_checks
-from roli_sweep.train import Runtime, make_loader
+from roli_sweep.masking import PIECES, judge, measure
+from roli_sweep.records import Check
 
 
 @dataclass(frozen=True)
@@ -99,72 +102,48 @@ def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean:
     ``threat.pgd_restarts`` random-start PGD runs (x: (B, C, H, W) in [0, 1])."""
     robust = clean.clone()
     for _ in range(threat.pgd_restarts):
-        x_adv = pgd(model, x, y, threat.eps, threat.pgd_step_size, threat.pgd_steps, True, generator,
-                    prefer_misclassified=True)
-        with torch.no_grad():
-            robust &= model(x_adv).argmax(1) == y
+        robust &= ~pgd_broken(model, x, y, threat.eps, threat.pgd_step_size, threat.pgd_steps, True, generator)
     return robust
 
 
-def _load_outcomes(path: Path | None, threat: ThreatModel) -> dict[str, list[bool]]:
-    empty = {"clean": [], "pgd": [], "autoattack": []}
+Outcomes = dict[str, dict[str, Any]]
+"""The finished pieces of one evaluation: piece id -> what :meth:`FinalEvaluation.run` returned."""
+
+
+def load_outcomes(path: Path | None, threat: ThreatModel) -> Outcomes:
+    """The pieces finished before an interruption (none when ``path`` is None or missing).
+
+    Raises:
+        ValueError: the state was written for another threat model.
+    """
     if path is None or not path.is_file():
-        return empty
+        return {}
     saved = json.loads(path.read_text())
     if saved["threat"] != asdict(threat):
         raise ValueError(f"evaluation state {path} was written for threat model {saved['threat']}, not "
                          f"{asdict(threat)}; delete it to start over")
-    return saved["outcomes"]
+    return saved["pieces"]
 
 
-def final_evaluate(model: nn.Module, test: Dataset, cfg: FinalEvalConfig, eps: float, num_classes: int,
-                   runtime: Runtime, seed: int, state_path: Path | None = None,
-                   on_batch: Callable[[int, int], None] | None = None) -> FinalEvalResult:
-    """Clean, PGD-with-restarts and AutoAttack accuracy of ``model`` on (a stated subset of) ``test``.
+def save_outcomes(path: Path, threat: ThreatModel, outcomes: Outcomes) -> None:
+    """Rewrite the state file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"threat": asdict(threat), "pieces": outcomes}))
+    tmp.replace(path)
 
-    Args:
-        model: images (B, C, H, W) in [0, 1] -> logits (B, K); put in eval mode here.
-        test: the test split; its first ``cfg.n_examples`` are used when set.
-        eps: the L-inf radius in [0, 1] pixel units.
-        runtime: device (the evaluation itself is fp32, whatever ``runtime.autocast_dtype`` says).
-        seed: seeds the PGD random starts and AutoAttack.
-        state_path: JSON file of finished batches; read to resume, rewritten after every batch.
-        on_batch: called as ``on_batch(done_examples, total_examples)``.
 
-    Raises:
-        ValueError: ``state_path`` holds a state for a different threat model.
-    """
-    subset = test_subset(test, cfg)
-    threat = threat_model(cfg, eps, len(subset), tuple(subset[0][0].shape), num_classes)
-    outcomes = _load_outcomes(state_path, threat)
-    generator = torch.Generator(runtime.device).manual_seed(seed)
-    loader = make_loader(subset, cfg.batch_size, shuffle=False, seed=seed, device=runtime.device)
-    was_training = model.training
-    model.eval()
-    for batch, (x, y) in enumerate(loader):
-        start = batch * cfg.batch_size
-        if start + len(y) <= len(outcomes["clean"]):
-            continue  # finished before an interruption
-        generator.manual_seed(seed + batch)  # a resumed batch sees the same random starts
-        x, y = x.to(runtime.device), y.to(runtime.device)
-        with torch.no_grad():
-            clean = model(x).argmax(1) == y
-        robust = pgd_with_restarts(model, x, y, clean, threat, generator)
-        outcomes["clean"] += clean.tolist()
-        outcomes["pgd"] += robust.tolist()
-        if cfg.autoattack.enabled:
-            outcomes["autoattack"] += autoattack_robust(model, x, y, clean, eps, num_classes, cfg.autoattack,
-                                                        seed + batch).tolist()
-        if state_path is not None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"threat": asdict(threat), "outcomes": outcomes}))
-            tmp.replace(state_path)
-        if on_batch is not None:
-            on_batch(len(outcomes["clean"]), len(subset))
-    model.train(was_training)
-    return FinalEvalResult(threat, outcomes["clean"], outcomes["pgd"],
-                           outcomes["autoattack"] if cfg.autoattack.enabled else None)
+@dataclass(frozen=True)
+class Piece:
+    """An independent part of a final evaluation: a ``batch`` of test examples (clean, PGD with restarts,
+    AutoAttack) or a ``check`` piece of :data:`roli_sweep.masking.PIECES`."""
+
+    kind: str
+    index: int | str
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.index}"
 
 
 @dataclass
@@ -173,6 +152,8 @@ class FinalReport:
 
     result: FinalEvalResult
     checks: list[Check]
+    autoattack_stages: dict[str, int] | None = None
+    """Examples each AutoAttack stage broke first (by name), and ``robust``: those none broke."""
 
     def record(self) -> dict[str, Any]:
         """Plain data for Ray, JSON and MLflow: ``metrics``, ``params`` (the threat model) and ``checks``
@@ -181,24 +162,106 @@ class FinalReport:
                 "checks": [(c.name, c.status, c.detail) for c in self.checks]}
 
 
+class FinalEvaluation:
+    """The final evaluation of one trial config's model (``cfg.eval.final`` at the evaluation eps, fp32, eval
+    mode) as independent :class:`Piece` s, so that a sweep runs them on every free CPU or GPU at once
+    (:mod:`roli_sweep.tune.final_pool`) and ``train`` one after the other (:func:`evaluate_and_check`).
+
+    Batch ``b`` seeds its PGD random starts and AutoAttack with ``seed + 3 + b``, so a piece gives the same
+    outcome wherever and whenever it runs; the checks attack the first ``masking.n_examples`` of the
+    examples evaluated.
+    """
+
+    def __init__(self, cfg: TrialConfig, test: Dataset, num_classes: int) -> None:
+        self.final = cfg.eval.final
+        self.eps = evaluation_attack(cfg.attack, cfg.eval).eps
+        self.seed = cfg.seed + 3
+        self.num_classes = num_classes
+        self.subset = test_subset(test, self.final)
+        self.threat = threat_model(self.final, self.eps, len(self.subset), tuple(self.subset[0][0].shape), num_classes)
+        self.n_checked = min(self.final.masking.n_examples, len(self.subset))
+
+    def pieces(self) -> list[Piece]:
+        """The batches first (the long ones), then the check pieces."""
+        batches = [Piece("batch", b) for b in range(math.ceil(len(self.subset) / self.final.batch_size))]
+        checks = [Piece("check", name) for name in PIECES if name != "square" or not self.final.autoattack.enabled]
+        return batches + checks
+
+    def _examples(self, indices: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([self.subset[i][0] for i in indices]).to(device)
+        y = torch.stack([torch.as_tensor(self.subset[i][1]) for i in indices]).to(device)
+        return x, y
+
+    def run(self, piece: Piece, model: nn.Module, device: torch.device) -> dict[str, Any]:
+        """One piece on ``model`` (images (B, C, H, W) in [0, 1] -> logits (B, K)), put in eval mode and restored
+        after; plain data (JSON)."""
+        was_training = model.training
+        model.eval()
+        try:
+            if piece.kind == "check":
+                x, y = self._examples(range(self.n_checked), device)
+                return measure(str(piece.index), model, x, y, self.eps, self.final.masking, self.seed + 1)
+            start = int(piece.index) * self.final.batch_size
+            x, y = self._examples(range(start, min(start + self.final.batch_size, len(self.subset))), device)
+            seed = self.seed + int(piece.index)
+            with torch.no_grad():
+                clean = model(x).argmax(1) == y
+            robust = pgd_with_restarts(model, x, y, clean, self.threat, torch.Generator(device).manual_seed(seed))
+            out = {"clean": clean.tolist(), "pgd": robust.tolist()}
+            if self.final.autoattack.enabled:
+                out["autoattack"] = autoattack_outcomes(model, x, y, clean, self.eps, self.num_classes,
+                                                        self.final.autoattack, seed).tolist()
+            return out
+        finally:
+            model.train(was_training)
+
+    def report(self, outcomes: Outcomes) -> FinalReport:
+        """Accuracies and the seven masking checks from every piece's outcome.
+
+        Raises:
+            KeyError: a piece has no outcome yet.
+        """
+        batches = [outcomes[p.id] for p in self.pieces() if p.kind == "batch"]
+        clean = [v for b in batches for v in b["clean"]]
+        pgd_robust = [v for b in batches for v in b["pgd"]]
+        stages, autoattack = None, None
+        if self.final.autoattack.enabled:
+            broken_by = [v for b in batches for v in b["autoattack"]]
+            autoattack = [v == ROBUST for v in broken_by]
+            stages = {name: broken_by.count(i) for i, name in enumerate(STAGES)}
+            stages["robust"] = broken_by.count(ROBUST)
+        result = FinalEvalResult(self.threat, clean, pgd_robust, autoattack)
+        n = self.n_checked
+        measured = {p.index: outcomes[p.id] for p in self.pieces() if p.kind == "check"}
+        checks = judge(measured, n, sum(clean[:n]) / n, sum(pgd_robust[:n]) / n,
+                       sum(autoattack[:n]) / n if autoattack is not None else None, stages, self.final.masking)
+        return FinalReport(result, checks, stages)
+
+
 def evaluate_and_check(model: nn.Module, test: Dataset, cfg: TrialConfig, num_classes: int, device: torch.device,
                        state_path: Path | None = None,
-                       on_batch: Callable[[int, int], None] | None = None) -> FinalReport:
-    """The final evaluation of ``cfg.eval.final`` at the evaluation eps, then the masking checks on the
-    first ``cfg.eval.final.masking.n_examples`` of the examples evaluated (fp32, eval mode).
+                       on_piece: Callable[[Piece, int, int], None] | None = None) -> FinalReport:
+    """The whole :class:`FinalEvaluation` in this process, piece after piece: clean, PGD with restarts and
+    AutoAttack on ``cfg.eval.final``'s examples, then the masking checks.
+
+    Args:
+        model: images (B, C, H, W) in [0, 1] -> logits (B, K).
+        test: the test split; its first ``cfg.eval.final.n_examples`` are used when set.
+        state_path: JSON file of finished pieces; read to resume, rewritten after every piece.
+        on_piece: called as ``on_piece(piece, done, total)`` after each piece.
 
     Raises:
         ValueError: ``state_path`` holds a state for a different threat model.
     """
-    final = cfg.eval.final
-    eps = evaluation_attack(cfg.attack, cfg.eval).eps
-    runtime = Runtime(device, torch.Generator(device).manual_seed(cfg.seed + 3))
-    result = final_evaluate(model, test, final, eps, num_classes, runtime, cfg.seed + 3, state_path, on_batch)
-    n = min(final.masking.n_examples, len(result.clean))
-    subset = test_subset(test, final)
-    x = torch.stack([subset[i][0] for i in range(n)]).to(device)
-    y = torch.stack([torch.as_tensor(subset[i][1]) for i in range(n)]).to(device)
-    aa = sum(result.autoattack[:n]) / n if result.autoattack is not None else None
-    checks = run_checks(model, x, y, eps, sum(result.clean[:n]) / n, sum(result.pgd[:n]) / n, aa, final.masking,
-                        cfg.seed + 4)
-    return FinalReport(result, checks)
+    evaluation = FinalEvaluation(cfg, test, num_classes)
+    outcomes = load_outcomes(state_path, evaluation.threat)
+    pieces = evaluation.pieces()
+    for piece in pieces:
+        if piece.id in outcomes:
+            continue  # finished before an interruption
+        outcomes[piece.id] = evaluation.run(piece, model, device)
+        if state_path is not None:
+            save_outcomes(state_path, evaluation.threat, outcomes)
+        if on_piece is not None:
+            on_piece(piece, sum(p.id in outcomes for p in pieces), len(pieces))
+    return evaluation.report(outcomes)

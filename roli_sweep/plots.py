@@ -33,6 +33,42 @@ def plot_pareto(trials: Sequence[ScoredTrial], front: Sequence[ScoredTrial], pat
     return _save(fig, path)
 
 
+def plot_importance(importances: dict[str, float], path: Path, title: str) -> Path:
+    """Horizontal bars of hyperparameter importances (fractions summing to 1, Optuna's fANOVA); writes a PNG."""
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(5.5, 0.5 * len(names) + 1.5), dpi=120)
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance for best val robust accuracy (fANOVA)")
+    ax.set_xlim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def plot_metric_vs_lr(points: Sequence[tuple[float, float, str, bool]], path: Path, title: str,
+                      ylabel: str = "best val robust accuracy") -> Path:
+    """``(lr, value, group, completed)`` per trial on a log lr axis, one colour per group (RoLI / RanLI);
+    filled markers for completed trials, hollow for those ASHA stopped; writes a PNG."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    colours = {"roli": "tab:red", "random": "tab:blue"}
+    labels = {"roli": "RoLI", "random": "RanLI"}
+    for group in sorted({p[2] for p in points}):
+        for completed in (True, False):
+            chosen = [p for p in points if p[2] == group and p[3] == completed]
+            if chosen:
+                colour = colours.get(group, "0.4")
+                ax.scatter([p[0] for p in chosen], [p[1] for p in chosen], edgecolors=colour,
+                           facecolors=colour if completed else "none",
+                           label=f"{labels.get(group, group)} ({'completed' if completed else 'stopped by ASHA'})")
+    ax.set_xscale("log")
+    ax.set_xlabel("finetune lr")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)

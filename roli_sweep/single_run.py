@@ -16,7 +16,7 @@ from rich.table import Table
 
 from roli_sweep.config import TrialConfig, apply_overrides
 from roli_sweep.final_eval import evaluate_and_check
-from roli_sweep.masking import Check
+from roli_sweep.records import Check
 from roli_sweep.tracking import describe_trial_run, experiment_id, final_eval_record, log_epoch_metrics
 from roli_sweep.trial import run_trial
 

@@ -12,7 +12,8 @@ Stage 1 (the adversarial linear probe) depends only on backbone, target and seed
 per (backbone, target, seed) and is shared by every finetuning run, which starts from RNGs reseeded
 the same way whether or not it computed the probe itself (:func:`roli_sweep.trial.run_trial`).
 
-State lives in a folder (``<out>/<study name>/``): ``probes/<id>.safetensors``,
+State lives in a folder (``<out>/<study name>/``): ``probes/<probe key>.safetensors`` (the probe cache a sweep
+uses, :mod:`roli_sweep.probe_cache`),
 ``runs/<id>.json`` and ``models/<id>/`` (the tested state), written as each job ends, so an interrupted study continues where it stopped
 and ``--only key=value`` filters run it in parts. Jobs run as Ray tasks (one CPU or GPU share
 each); every finished run also becomes an MLflow child run of the study's parent run.
@@ -92,15 +93,33 @@ def _selected(key: ProbeKey | RunKey, filters: dict[str, set[str]]) -> bool:
 
 
 class StudyState:
-    """The study's folder: finished probes and runs, read back on every resume."""
+    """The study's folder: finished probes and runs, read back on every resume.
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    The probes are a :class:`roli_sweep.probe_cache.ProbeCache` in ``probes/``, keyed by
+    :func:`roli_sweep.probe_cache.probe_key` of the probe's own settings, as a sweep keys its probes.
+    """
+
+    def __init__(self, folder: Path, study: StudyConfig) -> None:
+        from roli_sweep.probe_cache import ProbeCache
+
+        self.folder, self.study = folder, study
+        self.probes = ProbeCache(folder / "probes")
+        self._probe_keys: dict[ProbeKey, str] = {}
         (folder / "probes").mkdir(parents=True, exist_ok=True)
         (folder / "runs").mkdir(parents=True, exist_ok=True)
 
+    def probe_config(self, key: ProbeKey) -> TrialConfig:
+        """A run config of ``key``'s backbone, target and seed (stage 1 does not depend on the rest)."""
+        study = self.study
+        return study.run_config(key.backbone, key.target, next(iter(study.methods)), study.head_inits[0],
+                                study.base.finetune.lr, key.seed)
+
     def probe_path(self, key: ProbeKey) -> Path:
-        return self.folder / "probes" / f"{key.id}.safetensors"
+        from roli_sweep.probe_cache import probe_key
+
+        if key not in self._probe_keys:  # validating a config per call would dominate the scheduling loop
+            self._probe_keys[key] = probe_key(self.probe_config(key))
+        return self.probes.path(self._probe_keys[key])
 
     def has_probe(self, key: ProbeKey) -> bool:
         return self.probe_path(key).is_file()
@@ -207,24 +226,29 @@ def _final_job(cfg_json: dict[str, Any], model_dir: str, final_path: str) -> dic
     return {"status": "completed", **report.record(), "seconds": time.perf_counter() - started}
 
 
-def _probe_job(cfg_json: dict[str, Any], path: str) -> dict[str, Any]:
+def _probe_job(cfg_json: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    from roli_sweep.probe_cache import ProbeCache, probe_key
     from roli_sweep.trial import probe_and_test
-
-    try:
-        probe = probe_and_test(TrialConfig.model_validate(cfg_json))
-    except Exception:  # noqa: BLE001 - reported; its runs are skipped in this invocation
-        return {"status": "failed", "error": traceback.format_exc(limit=5)}
-    probe.save(Path(path))
-    return {"status": "completed", "metrics": probe.metrics}
-
-
-def _run_job(cfg_json: dict[str, Any], probe_path: str, model_dir: str) -> dict[str, Any]:
-    from roli_sweep.trial import ProbeOutcome, run_trial
 
     started = time.perf_counter()
     try:
-        result = run_trial(TrialConfig.model_validate(cfg_json), probe=ProbeOutcome.load(Path(probe_path)),
-                           checkpoint_dir=Path(model_dir))
+        cfg = TrialConfig.model_validate(cfg_json)
+        probe = probe_and_test(cfg)
+    except Exception:  # noqa: BLE001 - reported; its runs are skipped in this invocation
+        return {"status": "failed", "error": traceback.format_exc(limit=5)}
+    ProbeCache(Path(cache_dir)).store(probe_key(cfg), probe, time.perf_counter() - started)
+    return {"status": "completed", "metrics": probe.metrics}
+
+
+def _run_job(cfg_json: dict[str, Any], cache_dir: str, model_dir: str) -> dict[str, Any]:
+    from roli_sweep.probe_cache import ProbeCache, probe_key
+    from roli_sweep.trial import run_trial
+
+    started = time.perf_counter()
+    try:
+        cfg = TrialConfig.model_validate(cfg_json)
+        probe, _ = ProbeCache(Path(cache_dir)).load(probe_key(cfg))
+        result = run_trial(cfg, probe=probe, checkpoint_dir=Path(model_dir))
     except Exception:  # noqa: BLE001 - a failed run is recorded and the study goes on
         return {"status": "failed", "error": traceback.format_exc(limit=5), "seconds": time.perf_counter() - started}
     return {"status": "completed", "metrics": result.metrics, "seconds": time.perf_counter() - started}
@@ -259,8 +283,10 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
 
     started = time.perf_counter()
     progress = StudyProgress()
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-             ignore_reinit_error=True, log_to_driver=False)
+    started_ray = not ray.is_initialized()  # a runtime someone else started is left running
+    if started_ray:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False)
     opts = {"num_cpus": study.resources.cpu, "num_gpus": study.resources.gpu, "max_retries": 0}
     probe_task = ray.remote(_probe_job).options(**opts)
     run_task = ray.remote(_run_job).options(**opts)
@@ -294,12 +320,10 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
                     ref = final_task.remote(cfg.model_dump(mode="json"), str(state.model_dir(key)),
                                             str(state.final_path(key)))
                 elif kind == "probe":
-                    cfg = study.run_config(key.backbone, key.target, next(iter(study.methods)), study.head_inits[0],
-                                           study.base.finetune.lr, key.seed)
-                    ref = probe_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key)))
+                    ref = probe_task.remote(state.probe_config(key).model_dump(mode="json"), str(state.probes.folder))
                 else:
                     cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
-                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probe_path(key.probe)),
+                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probes.folder),
                                           str(state.model_dir(key)))
                 in_flight[ref] = (kind, key)
             if not in_flight:
@@ -329,6 +353,7 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
     finally:
         for ref in in_flight:
             ray.cancel(ref, force=True)
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     progress.seconds = time.perf_counter() - started
     return progress

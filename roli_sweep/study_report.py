@@ -108,12 +108,10 @@ def collect_cells(study: StudyConfig, state: StudyState) -> list[Cell]:
 
 def probe_stats(study: StudyConfig, state: StudyState) -> dict[tuple[str, str], dict[str, Stat]]:
     """Test accuracies of the stage-1 probes, per (backbone, target), over the seeds that have one."""
-    from roli_sweep.trial import ProbeOutcome
-
     stats = {}
     for backbone in study.backbones:
         for target in study.targets:
-            found = [ProbeOutcome.load(state.probe_path(ProbeKey(backbone, target, s))).metrics
+            found = [state.probes.load(state.probe_path(ProbeKey(backbone, target, s)).stem)[0].metrics
                      for s in study.seeds if state.has_probe(ProbeKey(backbone, target, s))]
             stats[(backbone, target)] = {m: Stat([f[f"probe_{m}"] for f in found]) for m in METRICS}
     return stats

@@ -15,11 +15,13 @@ docs; Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,15 +30,22 @@ os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials run in the driver
 # the end of stage 1 is reported (epoch 0, with the probe as checkpoint) before any finetune metric exists;
 # ASHA and the searcher skip results without their metric, Tune's strict check would refuse it
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# Ray Tune's new output engine prints its "Configuration for experiment" box and a TensorBoard hint even at
+# verbose=0; the legacy one prints nothing there. The sweep's own view is roli_sweep.tune.callbacks'.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
+from mlflow.entities import RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 
+from roli_sweep.analysis import log_sweep_analysis  # noqa: E402
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
+from roli_sweep.console import FinalProgress, default_console  # noqa: E402
+from roli_sweep.edges import EdgeWarning, edge_warnings  # noqa: E402
 from roli_sweep.plots import plot_pareto  # noqa: E402
 from roli_sweep.tracking import (  # noqa: E402
     finish_parent_run,
@@ -46,12 +55,19 @@ from roli_sweep.tracking import (  # noqa: E402
     trial_status,
 )
 from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, failure_reason  # noqa: E402
-from roli_sweep.tune.runtime import start_local_runtime, stop_local_runtime  # noqa: E402
+from roli_sweep.tune.runtime import logs_to_file, start_local_runtime, stop_local_runtime  # noqa: E402
 from roli_sweep.tune.searcher import TruthfulOptunaSearch  # noqa: E402
-from roli_sweep.tune.trainable import run_final_eval, run_tune_trial  # noqa: E402
+from roli_sweep.tune.final_pool import FinalJob, run_final_jobs  # noqa: E402
+from roli_sweep.tune.trainable import run_tune_trial  # noqa: E402
 
 OPTUNA_DB = "optuna.db"
 """The sweep's Optuna study, in its Ray Tune experiment folder (SQLite RDB storage)."""
+
+PROBE_CACHE = "probe_cache"
+"""In the sweep's folder: the stage-1 probes its trials share (:mod:`roli_sweep.probe_cache`)."""
+
+LOG_FILE = "sweep.log"
+"""In the sweep's folder: what Ray, MLflow and Optuna log (INFO and up), kept off the console."""
 
 INTERRUPTED_EXIT = 130
 """Exit status after Ctrl+C (128 + SIGINT), as shells report it."""
@@ -97,6 +113,12 @@ class SweepOutcome:
     storage_path: Path
     interrupted: bool = False
     """Ctrl+C stopped the sweep (trials or final evaluation); ``--resume --name`` continues it."""
+    compute: dict[str, float] | None = None
+    """Where the compute went (:func:`compute_accounting`); None when the sweep did not finish."""
+    edges: list[EdgeWarning] = field(default_factory=list)
+    """Parameters whose best trials sit at an edge of their range (:mod:`roli_sweep.edges`)."""
+    importance: dict[str, float] | None = None
+    """fANOVA importance of each sampled parameter (:mod:`roli_sweep.analysis`); None with too few trials."""
 
     def completed(self) -> list[TrialRow]:
         """Trials that ran every finetune epoch and reported validation accuracies."""
@@ -176,6 +198,7 @@ def run_sweep(
     address: str | None = None,
     num_cpus: int | None = None,
     resume: bool = False,
+    probe_cache: bool = True,
 ) -> SweepOutcome:
     """Run (or resume) the study described by ``space``.
 
@@ -189,6 +212,8 @@ def run_sweep(
         num_cpus: CPUs for a local runtime (None = all); ignored when joining a cluster.
         resume: continue the interrupted sweep ``name`` (``Tuner.restore``: completed and failed trials kept,
             unfinished ones continued from their last checkpoint).
+        probe_cache: share stage 1 between trials with the same probe settings
+            (:mod:`roli_sweep.probe_cache`, in ``<storage_path>/<name>/probe_cache``).
 
     Raises:
         FileNotFoundError: ``resume`` asked for but no restorable sweep at ``storage_path / name``.
@@ -197,29 +222,32 @@ def run_sweep(
     experiment_dir = storage_path / name
     if resume and not tune.Tuner.can_restore(str(experiment_dir)):
         raise FileNotFoundError(f"no sweep to resume at {experiment_dir}")
-    started = not ray.is_initialized()
-    if started and address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    elif started:  # recorded, so that a killed driver's runtime is ended at the next start
-        start_local_runtime(storage_path, num_cpus)
-    try:
-        return _sweep(space, space_path, name, tracking_uri, storage_path, resume)
-    finally:
+    with logs_to_file(experiment_dir / LOG_FILE):
+        started = not ray.is_initialized()
         if started and address:
-            ray.shutdown()
-        elif started:  # no Ray process of the sweep outlives it
-            stop_local_runtime(storage_path)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        elif started:  # recorded, so that a killed driver's runtime is ended at the next start
+            start_local_runtime(storage_path, num_cpus)
+        try:
+            return _sweep(space, space_path, name, tracking_uri, storage_path, resume, probe_cache)
+        finally:
+            if started and address:
+                ray.shutdown()
+            elif started:  # no Ray process of the sweep outlives it
+                stop_local_runtime(storage_path)
 
 
 def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, storage_path: Path,
-           resume: bool) -> SweepOutcome:
+           resume: bool, probe_cache: bool) -> SweepOutcome:
     """:func:`run_sweep` on a running Ray runtime."""
     experiment_dir = storage_path / name
+    started = time.perf_counter()
     client = MlflowClient(tracking_uri)
     parent_run_id = start_parent_run(client, space, space_path, name, resume)
     base = space.base.model_dump(mode="json")
     threads = max(1, int(space.resources.cpu))
-    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads),
+    cache = str(experiment_dir / PROBE_CACHE) if probe_cache else None
+    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads, probe_cache=cache),
                                     {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     param_space = {path: tune_domain(spec) for path, spec in space.parameters.items()}
     if resume:
@@ -257,13 +285,20 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
             plot_pareto(outcome.completed(), outcome.pareto_front(), png, title=f"sweep {name}")
             client.log_artifact(parent_run_id, str(png))
     try:
-        final_evaluation(outcome, space, experiment_dir, base, threads)
+        final_seconds = final_evaluation(outcome, space, experiment_dir, base, threads, FinalProgress(default_console()))
     except KeyboardInterrupt:  # the per-batch state is kept: --resume continues the evaluation
         mark_interrupted(client, parent_run_id)
         outcome.interrupted = True
         return outcome
     log_final_evaluations(client, space.name, name, parent_run_id, [(r.trial_id, r.final) for r in rows if r.final])
-    finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None)
+    outcome.edges = edge_warnings(space.parameters, [(r.sampled, r.val_robust_acc) for r in outcome.completed()])
+    if outcome.edges:
+        client.log_batch(parent_run_id, tags=[RunTag(f"search_space.edge.{w.parameter}", w.message[:5000])
+                                              for w in outcome.edges])
+    outcome.importance = log_sweep_analysis(client, parent_run_id, f"sqlite:///{experiment_dir / OPTUNA_DB}", name,
+                                            rows, space.base.finetune.head_init, space.metric.multi_objective)
+    outcome.compute = compute_accounting(results, space, final_seconds, time.perf_counter() - started)
+    finish_parent_run(client, parent_run_id, best_metrics, counts, best.trial_id if best else None, outcome.compute)
     return outcome
 
 
@@ -293,28 +328,49 @@ def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable, par
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[mlflow_callback, ConsoleProgress(space.base.finetune.epochs)]),
+                                  callbacks=[mlflow_callback, ConsoleProgress(
+                                      space.num_samples, list(space.parameters), space.base.probe.epochs,
+                                      space.base.finetune.epochs)]),
     )
 
 
-def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: Path, base: dict[str, Any],
-                     threads: int) -> None:
-    """Final evaluation (clean, PGD with restarts, AutoAttack) and masking checks of the top
-    ``space.final_top_k`` completed trials by val robust accuracy, as Ray tasks with the trials' resources.
+def compute_accounting(results: tune.ResultGrid, space: SearchSpace, final_seconds: float,
+                       wall_seconds: float) -> dict[str, float]:
+    """Where a sweep's compute went, in core-seconds (seconds × CPUs per trial): ``compute_trials_s`` (every trial's
+    Ray Tune ``time_total_s``), ``compute_probe_saved_s`` (the stage-1 compute cached probes spared),
+    ``compute_final_eval_s``, ``wall_s``, and ``idle_fraction``: the share of the runtime's CPU-seconds over
+    the sweep's wall time that neither trials nor the final evaluation used."""
+    cpu = max(space.resources.cpu, 1)
+    trials = saved = 0.0
+    for result in results:
+        trials += float((result.metrics or {}).get("time_total_s", 0.0)) * cpu
+        frame = result.metrics_dataframe
+        if frame is not None and "probe" in frame:
+            cached = frame[frame["probe"] == "cached"]
+            saved += float(cached["probe_seconds"].sum()) * cpu
+    capacity = wall_seconds * ray.cluster_resources().get("CPU", cpu)
+    busy = trials + final_seconds
+    return {"compute_trials_s": trials, "compute_probe_saved_s": saved, "compute_final_eval_s": final_seconds,
+            "wall_s": wall_seconds,
+            "idle_fraction": max(0.0, 1.0 - busy / capacity) if capacity > 0 and math.isfinite(busy) else 0.0}
 
-    Per-batch progress is kept in ``<experiment_dir>/final_eval/<trial_id>.json``, so a resumed sweep
-    continues an interrupted AutoAttack run. A failed evaluation is recorded in the row, not raised.
+
+def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: Path, base: dict[str, Any],
+                     threads: int, on_piece=None) -> float:
+    """Final evaluation (clean, PGD with restarts, AutoAttack) and masking checks of the top
+    ``space.final_top_k`` completed trials by val robust accuracy, their pieces spread over every free CPU or
+    GPU (:mod:`roli_sweep.tune.final_pool`, actors with the trials' resources).
+
+    Per-piece progress is kept in ``<experiment_dir>/final_eval/<trial_id>.json``, so a resumed sweep
+    continues an interrupted evaluation. A failed evaluation is recorded in the row, not raised.
+
+    Returns:
+        The core-seconds (CPU seconds × CPUs per actor) the pieces took.
     """
     ranked = sorted((r for r in outcome.completed() if r.checkpoint), key=lambda r: -r.val_robust_acc)
-    task = ray.remote(run_final_eval).options(num_cpus=space.resources.cpu, num_gpus=space.resources.gpu,
-                                              max_retries=0)
-    refs = {}
+    jobs = [FinalJob(row.trial_id, apply_overrides(TrialConfig.model_validate(base), row.sampled), row.checkpoint,
+                     experiment_dir / "final_eval" / f"{row.trial_id}.json") for row in ranked[:space.final_top_k]]
+    results = run_final_jobs(jobs, space.resources.cpu, space.resources.gpu, threads, on_piece)
     for row in ranked[:space.final_top_k]:
-        cfg = apply_overrides(TrialConfig.model_validate(base), row.sampled)
-        state = experiment_dir / "final_eval" / f"{row.trial_id}.json"
-        refs[row.trial_id] = task.remote(cfg.model_dump(mode="json"), row.checkpoint, str(state), threads)
-    for row in ranked[:space.final_top_k]:
-        try:
-            row.final = ray.get(refs[row.trial_id])
-        except Exception as err:  # noqa: BLE001 - reported with the trial, the sweep's results stay
-            row.final = {"error": str(err).splitlines()[0][:300]}
+        row.final = results[row.trial_id].record
+    return sum(r.busy_seconds for r in results.values()) * max(space.resources.cpu, 1)

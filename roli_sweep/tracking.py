@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from roli_sweep.config import SearchSpace, TrialConfig, dump_yaml, flatten
-from roli_sweep.masking import Check, masking_tags
+from roli_sweep.records import Check, masking_tags
 from roli_sweep.provenance import git_commit, package_versions
 
 TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
@@ -30,10 +30,20 @@ RAY_BOOKKEEPING = {"training_iteration", "time_this_iter_s", "timestamp", "pid",
                    "iterations_since_restore", "epoch"}
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3's UI opens an experiment with this tag on its training runs, not on the GenAI traces overview."""
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if needed."""
+    """The id of experiment ``name``, created if needed, tagged so that the UI opens it on the runs
+    (:data:`EXPERIMENT_KIND`; added to an existing experiment that lacks it)."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def provenance_tags() -> dict[str, str]:
@@ -106,9 +116,10 @@ def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path,
 
 
 def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] | None, counts: dict[str, int],
-                      best_trial: str | None) -> None:
-    """Log the best completed trial's metrics and the trial counts, then close the parent run."""
-    metrics = {f"trials_{status}": n for status, n in counts.items()}
+                      best_trial: str | None, compute: dict[str, float] | None = None) -> None:
+    """Log the best completed trial's metrics, the trial counts and where the compute went, then close the
+    parent run."""
+    metrics = {f"trials_{status}": n for status, n in counts.items()} | (compute or {})
     if best:
         metrics.update({f"best_{k}": v for k, v in best.items()})
         client.set_tag(run_id, "best_trial_id", best_trial or "")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from roli_sweep.attacks import pgd
+from roli_sweep.attacks import pgd, pgd_broken
 from roli_sweep.config import AttackConfig, StageConfig
 
 
@@ -222,10 +222,9 @@ def evaluate(
     for x, y in loader:
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
         correct = _correct(model, x, y)
-        x_adv = pgd(model, x, y, attack.eps, step, steps, attack.random_start, runtime.generator,
-                    prefer_misclassified=True)
+        broken = pgd_broken(model, x, y, attack.eps, step, steps, attack.random_start, runtime.generator)
         clean += correct.sum().item()
-        robust += (correct & _correct(model, x_adv, y)).sum().item()
+        robust += (correct & ~broken).sum().item()
         seen += len(y)
     model.train(was_training)
     return clean / seen, robust / seen

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +31,7 @@ from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
 from roli_sweep.models.methods import METHODS, apply_method, freeze_all_but_head, trainable_parameter_count
+from roli_sweep.probe_cache import ProbeCache, probe_key
 from roli_sweep.train import (
     DivergenceError,
     Runtime,
@@ -51,7 +52,6 @@ class TrialResult:
     """What a trial measured. Accuracies are fractions in [0, 1]."""
 
     metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
     model: nn.Module | None = None
     """The model at its best val robust epoch (what was tested), in eval mode."""
     test_set: torch.utils.data.Dataset | None = None
@@ -332,7 +332,8 @@ last epoch, the tested state (:data:`BEST_STATE_FILE`)."""
 
 
 def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOutcome | None = None,
-              checkpoint_dir: Path | None = None, resume_dir: Path | None = None) -> TrialResult:
+              checkpoint_dir: Path | None = None, resume_dir: Path | None = None,
+              probe_cache: ProbeCache | None = None) -> TrialResult:
     """Run stage 1 (adversarial linear probe) then stage 2 (adversarial finetuning) as ``cfg`` says.
 
     Every finetune epoch's metrics (``epoch``, ``train_loss``, ``val_clean_acc``,
@@ -341,9 +342,11 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     ``probe_val_robust_acc``; the last one also carries ``test_clean_acc`` and ``test_robust_acc``
     (PGD-``eval.test_steps``) of the restored best epoch, ``best_epoch`` and ``trial_seconds``.
     Probe epochs go to ``on_epoch("probe", m)``, and the end of stage 1 to ``on_epoch("probe_done",
-    probe metrics with epoch 0)``. A ``probe`` computed earlier for the same data, backbone, probe and
-    attack settings and seed replaces stage 1. Stage 2 starts from RNGs reseeded with ``seed + 1``
-    either way, so both give the same result.
+    probe metrics with epoch 0, ``probe`` = ``computed`` / ``cached``, ``probe_key`` and ``probe_seconds``, the
+    compute stage 1 took or, cached, saved)``. A ``probe`` computed earlier for the same data, backbone,
+    probe and attack settings and seed replaces stage 1; so does the entry of ``probe_cache``
+    (:mod:`roli_sweep.probe_cache`), which computes and stores it when missing. Stage 2 starts from RNGs
+    reseeded with ``seed + 1`` either way, so all give the same result.
 
     With ``checkpoint_dir``, the trial keeps its checkpoint there (:data:`RESUME_FILE`), rewritten
     before ``on_epoch`` hears of the end of stage 1 and of every finetune epoch. With ``resume_dir``
@@ -356,10 +359,8 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
         DivergenceError: a non-finite loss or trainable parameter (the trial stops at that step).
     """
     started = time.perf_counter()
-    history: list[dict[str, float]] = []
 
     def record(stage: str, metrics: dict[str, float]) -> None:
-        history.append({"stage": stage, **metrics})
         if on_epoch is not None:
             on_epoch(stage, metrics)
 
@@ -369,10 +370,15 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
         probe = ProbeOutcome.load(resume_dir / PROBE_FILE)
     prep = prepare(cfg)
     if probe is None:
-        probe = run_probe(cfg, prep, record)
+        key = probe_key(cfg) if probe_cache is not None else ""
+        if probe_cache is not None:
+            probe, how, seconds = probe_cache.get_or_compute(key, lambda: run_probe(cfg, prep, record))
+        else:
+            probe, how, seconds = run_probe(cfg, prep, record), "computed", time.perf_counter() - started
+        freeze_all_but_head(prep.model)
         if checkpoint_dir is not None:
             probe.save(checkpoint_dir / PROBE_FILE)
-        record("probe_done", {"epoch": 0, **probe.metrics})
+        record("probe_done", {"epoch": 0, **probe.metrics, "probe": how, "probe_key": key, "probe_seconds": seconds})
     else:
         freeze_all_but_head(prep.model)
         if checkpoint_dir is not None:
@@ -411,4 +417,4 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
         record("finetune", metrics)
     summary = {**constants, **final,
                "val_clean_acc": finetune.best["val_clean_acc"], "val_robust_acc": finetune.best["val_robust_acc"]}
-    return TrialResult(summary, history, prep.model.eval(), prep.splits.test, prep.splits.num_classes)
+    return TrialResult(summary, prep.model.eval(), prep.splits.test, prep.splits.num_classes)

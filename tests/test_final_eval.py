@@ -9,8 +9,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from roli_sweep.config import FinalEvalConfig, MaskingConfig
-from roli_sweep.final_eval import final_evaluate, threat_model
-from roli_sweep.masking import masking_tags, run_checks
+from roli_sweep.final_eval import threat_model
+from roli_sweep.masking import run_checks
+from roli_sweep.records import masking_tags
 from roli_sweep.train import Runtime
 
 CHECKS = MaskingConfig(n_examples=64, pgd_steps=10, more_steps=40, square_queries=200)
@@ -92,30 +93,74 @@ def test_a_randomised_model_is_flagged(digits_linear):
     assert checks["gradients"].status == "pass"
 
 
-def test_final_evaluation_orders_attacks_and_resumes(tmp_path, digits_linear):
+def _final_cfg(trial_dict, eps=0.05, **final):
+    from roli_sweep.config import TrialConfig
+
+    trial_dict["eval"] = {"eps": eps, "final": {"n_examples": 20, "pgd_steps": 10, "pgd_restarts": 2, "batch_size": 8,
+                                                 "masking": {"n_examples": 16, "more_steps": 20}, **final}}
+    return TrialConfig.model_validate(trial_dict)
+
+
+def test_final_evaluation_orders_attacks_resumes_and_reads_square_from_autoattack(tmp_path, digits_linear, trial_dict):
+    from roli_sweep.final_eval import FinalEvaluation, evaluate_and_check
+
     model, x, y = digits_linear
     test = TensorDataset(x[:24], y[:24])
-    cfg = FinalEvalConfig(n_examples=20, pgd_steps=10, pgd_restarts=2, batch_size=8)
-    runtime = Runtime(torch.device("cpu"), torch.Generator().manual_seed(0))
+    cfg = _final_cfg(trial_dict)
     state = tmp_path / "final.json"
-    full = final_evaluate(model, test, cfg, 0.05, 10, runtime, seed=1, state_path=state)
-    m = full.metrics()
-    assert full.threat.n_examples == 20 and len(full.clean) == 20 and full.threat.autoattack == "standard"
+    full = evaluate_and_check(model, test, cfg, 10, torch.device("cpu"), state_path=state)
+    m = full.result.metrics()
+    assert full.result.threat.n_examples == 20 and len(full.result.clean) == 20
+    assert full.result.threat.autoattack == "standard"
     assert m["final_autoattack_acc"] <= m["final_pgd_acc"] <= m["final_clean_acc"]
     assert m["final_clean_acc"] > 0.5 and m["final_pgd_acc"] < m["final_clean_acc"]
+    # every attacked example is broken by one stage or robust; black_box reads AutoAttack's Square stage
+    assert sum(full.autoattack_stages.values()) == sum(full.result.clean)
+    assert full.autoattack_stages["robust"] == sum(full.result.autoattack)
+    checks = {c.name: c for c in full.checks}
+    assert "AutoAttack's Square broke" in checks["black_box"].detail and len(checks) == 7
+    pieces = [p.id for p in FinalEvaluation(cfg, test, 10).pieces()]
+    assert pieces == ["batch:0", "batch:1", "batch:2", "check:eps_sweep", "check:more_steps", "check:model"]
 
-    # interrupted after the first batch: the resumed run recomputes only the rest and gives the same outcomes
+    # interrupted after two pieces: the resumed run computes only the rest and gives the same outcomes
     saved = json.loads(state.read_text())
-    saved["outcomes"] = {k: v[:8] for k, v in saved["outcomes"].items()}
+    saved["pieces"] = {k: v for k, v in saved["pieces"].items() if k in ("batch:0", "check:model")}
     state.write_text(json.dumps(saved))
     calls = []
-    resumed = final_evaluate(model, test, cfg, 0.05, 10, runtime, seed=1, state_path=state,
-                             on_batch=lambda done, total: calls.append(done))
-    assert calls == [16, 20]
-    assert (resumed.clean, resumed.pgd, resumed.autoattack) == (full.clean, full.pgd, full.autoattack)
+    resumed = evaluate_and_check(model, test, cfg, 10, torch.device("cpu"), state_path=state,
+                                 on_piece=lambda piece, done, total: calls.append((piece.id, done, total)))
+    assert [c[0] for c in calls] == ["batch:1", "batch:2", "check:eps_sweep", "check:more_steps"]
+    assert calls[-1][1:] == (6, 6)
+    assert (resumed.result.clean, resumed.result.pgd, resumed.result.autoattack) == (
+        full.result.clean, full.result.pgd, full.result.autoattack)
+    assert [(c.name, c.status, c.detail) for c in resumed.checks] == [(c.name, c.status, c.detail) for c in full.checks]
 
     with pytest.raises(ValueError, match="threat model"):
-        final_evaluate(model, test, cfg, 0.1, 10, runtime, seed=1, state_path=state)
+        evaluate_and_check(model, test, _final_cfg(trial_dict, pgd_steps=5), 10, torch.device("cpu"), state_path=state)
+
+
+def test_square_breaking_what_the_white_box_attacks_left_is_flagged(digits_linear, trial_dict):
+    """The official AutoAttack's Square check: Square succeeding where APGD and FAB failed means masked gradients."""
+    from roli_sweep.final_eval import evaluate_and_check
+
+    model, x, y = digits_linear
+    cfg = _final_cfg(trial_dict, eps=0.1, n_examples=64, batch_size=64,
+                     autoattack={"apgd_steps": 10, "fab_steps": 10, "square_queries": 1000})
+    report = evaluate_and_check(Quantized(model), TensorDataset(x, y), cfg, 10, torch.device("cpu"))
+    checks = {c.name: c for c in report.checks}
+    assert report.autoattack_stages["Square"] > 0, report.autoattack_stages
+    assert checks["black_box"].status == "warning", (report.autoattack_stages, checks["black_box"].detail)
+    assert checks["gradients"].status == "warning"
+
+
+def test_the_eps_sweep_stops_once_accuracy_is_zero(digits_linear):
+    from roli_sweep.masking import measure
+
+    model, x, y = digits_linear
+    cfg = MaskingConfig(eps_factors=[1.0, 4.0, 8.0, 16.0], large_eps=0.9)
+    swept = measure("eps_sweep", model, x, y, 0.05, cfg, seed=0)
+    assert swept["accs"][-1] == 0.0 and len(swept["accs"]) < len(swept["all_radii"])
+    assert all(a > 0 for a in swept["accs"][:-1])
 
 
 def test_autoattack_components_carry_the_published_settings():
@@ -129,17 +174,15 @@ def test_autoattack_components_carry_the_published_settings():
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100))
     published = AutoAttackConfig()
-    attack = build_autoattack(model, 8 / 255, 100, published, seed=0)
-    apgd, apgdt, fab, square = attack.attacks
-    assert isinstance(attack, torchattacks.MultiAttack)
-    assert [type(a) for a in attack.attacks] == [torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB,
-                                                 torchattacks.Square]
+    attacks = build_autoattack(model, 8 / 255, 100, published, seed=0)
+    apgd, apgdt, fab, square = attacks
+    assert [type(a) for a in attacks] == [torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB, torchattacks.Square]
     assert (apgd.steps, apgd.n_restarts, apgd.loss, apgd.eps) == (100, 1, "ce", 8 / 255)
     assert (apgdt.steps, apgdt.n_restarts, apgdt.n_target_classes) == (100, 1, 9)
     assert (fab.steps, fab.n_restarts, fab.multi_targeted, fab.n_target_classes) == (100, 1, True, 9)
     assert (square.n_queries, square.p_init, square.rescale_schedule, square.n_restarts) == (5000, 0.8, False, 1)
     five = build_autoattack(nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), 8 / 255, 5, published, seed=0)
-    assert five.attacks[1].n_target_classes == five.attacks[2].n_target_classes == 4
+    assert five[1].n_target_classes == five[2].n_target_classes == 4
     params = threat_model(FinalEvalConfig(), 8 / 255, 100, (3, 32, 32), 100).params()
     assert {k: v for k, v in params.items() if k.startswith("final_eval.autoattack")} == {
         "final_eval.autoattack.version": "standard", "final_eval.autoattack.apgd_steps": "100",
@@ -149,7 +192,7 @@ def test_autoattack_components_carry_the_published_settings():
 
 
 def test_autoattack_attacks_only_clean_correct_examples(digits_linear):
-    from roli_sweep.autoattack import autoattack_robust
+    from roli_sweep.autoattack import ROBUST, autoattack_outcomes
     from roli_sweep.config import AutoAttackConfig
 
     model, x, y = digits_linear
@@ -159,7 +202,7 @@ def test_autoattack_attacks_only_clean_correct_examples(digits_linear):
     hook = model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     cfg = AutoAttackConfig(apgd_steps=5, fab_steps=5, target_classes=2, square_queries=10)
     rng = torch.random.get_rng_state()
-    robust = autoattack_robust(model, x, y, correct, 0.1, 10, cfg, seed=0)
+    robust = autoattack_outcomes(model, x, y, correct, 0.1, 10, cfg, seed=0) == ROBUST
     hook.remove()
     assert not correct.all() and not (robust & ~correct).any()
     assert seen and max(seen) <= int(correct.sum()), "misclassified examples are never attacked"

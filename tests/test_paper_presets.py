@@ -8,9 +8,9 @@ the final evaluation's attacks are cut. Then, as a user would: the sweep (stage-
 epochs, restore best, test, save the trained state; the final evaluation rebuilds it with
 ``load_trained``), ``export``, and ``train --config`` on the exported file.
 
-By default one preset per (data format x method) runs: CIFAR-10 for torchvision's pickled batches,
-CUB-200 for the JSON split files with image folders (every preset is Swin-B). ``-m paper_presets``
-runs the other 18 (``.ci/run`` does), CIFAR-100's own batch layout among them.
+By default one preset per method runs, three on CIFAR-10 (torchvision's pickled batches) and three on
+CUB-200 (the JSON split files with image folders; every preset is Swin-B). ``-m paper_presets`` runs
+the other 24 (``.ci/run`` does), CIFAR-100's own batch layout among them.
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ REF = {
 }
 SCALED_SWIN = {"img_size": 56, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 7}
 SCALED_SIDE = 56
-DEFAULT_RUN = {f"{d}_{m}" for d in ("cifar10", "cub200") for m in METHODS}
-"""One preset per (data format x method) in the default test run; the rest run under ``-m paper_presets``."""
+DEFAULT_RUN = {"cifar10_linear", "cub200_full", "cifar10_lora", "cub200_adapter", "cifar10_prompt", "cub200_bias"}
+"""One preset per method in the default test run, both data formats among them; the rest run under
+``-m paper_presets``."""
 
 
 def _load(path: Path) -> dict:

@@ -17,6 +17,9 @@ from tests.conftest import write_yaml
 def study_dict(trial_dict, tiny_weights) -> dict:
     base = {k: v for k, v in trial_dict.items() if k not in ("data",)}
     base["finetune"] = {**base["finetune"], "epochs": 1}
+    # 8 final evaluations: a cut AutoAttack keeps them short (the sweep test runs the published one)
+    base["eval"] = {**base["eval"], "final": {**base["eval"]["final"], "autoattack": {
+        "apgd_steps": 5, "fab_steps": 5, "square_queries": 50}}}
     return {
         "name": "tiny_study",
         "base": base,
@@ -39,7 +42,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, ray_runtime, stud
     assert runs and all(r.startswith("a-") for r in runs)
     # selection: every lr of every cell with seed 0; then seed 1 at the chosen lrs only
     study = StudyConfig.model_validate(study_dict)
-    state = StudyState(out / "tiny_study")
+    state = StudyState(out / "tiny_study", study)
     choice = choose_lrs(study, state, ("a", "digits", "lora"))
     expected_seed1 = {f"a-digits-lora-{init}-lr{lr:.3g}-s1" for init in ("random", "roli")
                       for lr in {choice.own[init], choice.matched}}
@@ -59,7 +62,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, ray_runtime, stud
     assert "| a | digits | lora |" in report and "| b | digits | bias |" in report
     # test means also without the seed that chose each lr on val
     assert "## Finetuning on the seeds that did not choose the lr" in report and "held-out seeds" in report
-    cells = collect_cells(study, StudyState(out / "tiny_study"))
+    cells = collect_cells(study, StudyState(out / "tiny_study", study))
     assert cells
     for cell in cells:
         for init in ("random", "roli"):

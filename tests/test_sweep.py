@@ -20,6 +20,34 @@ def _children(client: MlflowClient, sweep: str):
     return parent[0], children
 
 
+def _serves(command: list[str], cwd) -> None:
+    """Run an ``mlflow ui`` / ``mlflow server`` command with ``--port`` added until it answers ``/health``."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.test_cluster import free_port
+
+    port = free_port()
+    server = subprocess.Popen([shutil.which(command[0]) or command[0], *command[1:], "--port", str(port)], cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    assert reply.status == 200
+                    return
+            except OSError:
+                assert server.poll() is None, f"{command} exited with {server.returncode}"
+                time.sleep(0.5)
+        raise AssertionError(f"{command} did not answer within 90 s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -32,10 +60,27 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert args[:3] == ["export", "--name", "s1"] and main(args) == 0
     assert len(list((tmp_path / "exported").glob("s1-rank*.yaml"))) >= 1
 
+    # no Ray box or TensorBoard hint; the threat model as the field writes it; Ray's logs in the sweep's log file
+    assert "Configuration for experiment" not in printed and "tensorboard" not in printed.lower()
+    assert "L-inf 8/255, PGD-20 ×2 restarts, AutoAttack standard, 16 test images" in printed
+    assert "finetune epoch 2/2" in printed and "stage-1 probe cached" in printed
+    assert "result files and experiment state" in (tmp_path / "ray_results" / "s1" / "sweep.log").read_text()
+    # the mlflow ui command the sweep prints serves the store (run as printed, on a free port)
+    ui = next(line.strip() for line in printed.splitlines() if line.strip().startswith("mlflow ui "))
+    _serves(ui.split(), tmp_path)
+
     client = MlflowClient(uri)
     parent, children = _children(client, "s1")
     assert len(children) == 4
     assert parent.info.status == "FINISHED"
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # one probe setting: computed once, read from the cache by the other trials
+    assert sorted(c.data.tags["probe"] for c in children) == ["cached", "cached", "cached", "computed"]
+    assert len({c.data.tags["probe_key"] for c in children}) == 1
+    compute = parent.data.metrics
+    assert compute["compute_trials_s"] > 0 and compute["compute_final_eval_s"] > 0
+    assert compute["compute_probe_saved_s"] > 0 and 0.0 <= compute["idle_fraction"] <= 1.0
+    assert "val_robust_vs_lr.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "tiny.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     statuses = [c.data.tags["status"] for c in children]
     assert set(statuses) <= {"completed", "pruned"} and "completed" in statuses

@@ -99,6 +99,36 @@ def test_a_saved_probe_gives_the_same_trial(tmp_path, trial_dict, head_init):
         assert with_probe[key] == alone[key], key
 
 
+def test_a_cached_probe_gives_the_same_trial_and_the_key_follows_stage_one(tmp_path, trial_dict):
+    """The sweep's probe cache: the second trial with the same probe settings reads stage 1, and its metrics are
+    those of a trial without any cache; settings stage 1 ignores share a key, those it uses do not."""
+    from roli_sweep.probe_cache import ProbeCache, probe_key
+
+    cfg = TrialConfig.model_validate(trial_dict)
+    other = TrialConfig.model_validate({**trial_dict, "finetune": {**trial_dict["finetune"], "lr": 5e-3,
+                                                                   "head_init": "random"}})
+    assert probe_key(cfg) == probe_key(other)
+    for change in ({"seed": 1}, {"attack": {**trial_dict["attack"], "eps": "4/255"}},
+                   {"probe": {**trial_dict["probe"], "lr": 0.1}}, {"finetune": {**trial_dict["finetune"],
+                                                                                  "random_head_init": "timm"}}):
+        assert probe_key(TrialConfig.model_validate({**trial_dict, **change})) != probe_key(cfg), change
+    cache = ProbeCache(tmp_path / "cache")
+    seen: list[dict] = []
+
+    def on_epoch(stage, metrics):
+        if stage == "probe_done":
+            seen.append(metrics)
+
+    first = run_trial(cfg, on_epoch, probe_cache=cache).metrics
+    second = run_trial(cfg, on_epoch, probe_cache=cache).metrics
+    alone = run_trial(cfg).metrics
+    assert [m["probe"] for m in seen] == ["computed", "cached"] and seen[0]["probe_key"] == probe_key(cfg)
+    assert seen[1]["probe_seconds"] == pytest.approx(seen[0]["probe_seconds"])  # the compute the cache saved
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    for key in ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc", "probe_val_robust_acc"):
+        assert first[key] == second[key] == alone[key], key
+
+
 def _finetune_model(cfg: TrialConfig):
     """The stage-2 model of ``cfg`` (method applied, RanLI head) and its train-mode modules."""
     from roli_sweep.models.methods import apply_method

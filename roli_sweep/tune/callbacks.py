@@ -1,5 +1,5 @@
-"""Ray Tune callbacks of a sweep: MLflow child runs (:class:`MlflowTrialCallback`) and one console line per
-finished trial (:class:`ConsoleProgress`), with failures told as the trial's own exception, in plain words."""
+"""Ray Tune callbacks of a sweep: MLflow child runs (:class:`MlflowTrialCallback`) and the live console view
+(:class:`ConsoleProgress`), with failures told as the trial's own exception, in plain words."""
 from __future__ import annotations
 
 import re
@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
+from roli_sweep.console import LiveTable, default_console
 from roli_sweep.tracking import ROLE_TAG, describe_trial_run, experiment_id, log_epoch_metrics, trial_status
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -91,6 +92,9 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id, epoch = self._runs.get(trial.trial_id), int(result.get("epoch", -1))
+        if run_id is not None and result.get("stage") == "probe_done":  # probe = computed / cached, probe_key, ray_node
+            self.client.log_batch(run_id, tags=[RunTag(k, str(result[k])) for k in ("probe", "probe_key", "ray_node")
+                                                if result.get(k)])
         if run_id is None or epoch <= self._logged[trial.trial_id]:
             return
         log_epoch_metrics(self.client, run_id, result)
@@ -117,22 +121,47 @@ class MlflowTrialCallback(tune.Callback):
 
 
 class ConsoleProgress(tune.Callback):
-    """One line per finished trial (Ray's own output is turned off); a failure as the trial's own exception."""
+    """Feeds the sweep's live view (:class:`roli_sweep.console.LiveTable`; Ray's own output is off): each trial's
+    start, probe and finetune epochs and end, a failure as the trial's own exception.
 
-    def __init__(self, finetune_epochs: int) -> None:
+    Holds only plain data when pickled with the experiment state; the view is rebuilt on a restore.
+    """
+
+    def __init__(self, num_samples: int, parameters: list[str], probe_epochs: int, finetune_epochs: int) -> None:
+        self.settings = (num_samples, parameters, probe_epochs, finetune_epochs)
         self.finetune_epochs = finetune_epochs
+        self._view: LiveTable | None = None
 
-    def _line(self, trial, errored: bool) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_view": None}
+
+    @property
+    def view(self) -> LiveTable:
+        if self._view is None:
+            self._view = LiveTable(*self.settings, console=default_console())
+        return self._view
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.view.started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.view.progress(trial.trial_id, result)
+
+    def _end(self, trial, errored: bool) -> None:
         last = trial.last_result or {}
         status = trial_status(self.finetune_epochs, last.get("epoch"), errored)
-        scores = (f": best val clean {last['best_val_clean_acc']:.3f}, robust {last['best_val_robust_acc']:.3f}"
+        detail = (f"best val clean {last['best_val_clean_acc']:.3f}, robust {last['best_val_robust_acc']:.3f}"
                   if "best_val_robust_acc" in last else "")
         if errored and trial.error_file and Path(trial.error_file).is_file():
-            scores = f": {failure_reason(Path(trial.error_file).read_text())}"
-        print(f"trial {trial.trial_id} {status} after {last.get('epoch', 0)} epoch(s){scores}", flush=True)
+            detail = failure_reason(Path(trial.error_file).read_text())
+        self.view.finished(trial.trial_id, status, detail)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, errored=False)
+        self._end(trial, errored=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, errored=True)
+        self._end(trial, errored=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._view is not None:
+            self._view.close()

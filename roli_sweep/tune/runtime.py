@@ -11,10 +11,16 @@ a new local runtime).
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import ray
+
+LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "mlflow", "alembic", "optuna")
+"""The libraries' loggers a sweep sends to its log file instead of the console."""
 
 RECORD = ".ray_runtime.json"
 """In the storage folder: the processes of the local runtime a sweep started, while it runs."""
@@ -86,3 +92,26 @@ def stop_local_runtime(storage_path: Path) -> None:
     """``ray.shutdown`` and drop the record."""
     ray.shutdown()
     (storage_path / RECORD).unlink(missing_ok=True)
+
+
+@contextmanager
+def logs_to_file(path: Path) -> Iterator[None]:
+    """Send the records of Ray's, MLflow's and Optuna's loggers (:data:`LOGGERS`, INFO and up) to ``path``
+    (appended) instead of the console, for the duration of the block; their handlers are restored after."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = {}
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate, logger.level)
+        logger.handlers, logger.propagate = [handler], False
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate, logger.level = handlers, propagate, level
+        handler.close()

@@ -39,7 +39,13 @@ METHODS: dict[str, TransferMethod] = {}
 
 
 def register_method(cls: type[TransferMethod]) -> type[TransferMethod]:
-    """Class decorator: register one instance of a method under ``cls.name``."""
+    """Class decorator: register one instance of a method under ``cls.name``.
+
+    Raises:
+        ValueError: ``cls.name`` is registered already (a second method would silently replace the first).
+    """
+    if cls.name in METHODS:
+        raise ValueError(f"transfer method {cls.name!r} is registered already (by {type(METHODS[cls.name]).__name__})")
     METHODS[cls.name] = cls()
     return cls
 

@@ -1,0 +1,256 @@
+"""What a sweep shows on the terminal while it runs: a live table of every trial, and the final evaluation's progress.
+
+On a terminal, :class:`LiveTable` is a rich ``Live`` table refreshed in place: each trial's id and sampled
+values, status, stage and epoch (``probe k/N``, ``finetune k/N``), last val clean and robust accuracy, and
+above it the sweep's elapsed time and an estimate of what is left. When the output is not a terminal (a log
+file, CI) it prints one plain line per event instead. It imports neither Ray nor torch: the Ray Tune
+callback that feeds it is :class:`roli_sweep.tune.callbacks.ConsoleProgress`. Reference: rich ``Live`` docs.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from roli_sweep.records import eps_fraction, threat_summary
+
+
+def short(value: Any) -> str:
+    """A sampled value as the tables show it: floats to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def clock(seconds: float) -> str:
+    """``12 min 05 s`` / ``45 s``."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+@dataclass
+class TrialLine:
+    """One trial's row of the live table."""
+
+    trial_id: str
+    sampled: dict[str, Any]
+    status: str = "pending"
+    stage: str = ""
+    epochs_done: int = 0
+    """Probe plus finetune epochs finished (for the estimate)."""
+    val_clean: float | None = None
+    val_robust: float | None = None
+    note: str = ""
+
+
+@dataclass
+class LiveTable:
+    """The live view of a sweep of ``num_samples`` trials with ``probe_epochs`` + ``finetune_epochs`` epochs each.
+
+    Feed it with :meth:`started`, :meth:`progress` and :meth:`finished`; :meth:`close` ends the live display.
+    """
+
+    num_samples: int
+    parameters: list[str]
+    probe_epochs: int
+    finetune_epochs: int
+    console: Console = field(default_factory=Console)
+    lines: dict[str, TrialLine] = field(default_factory=dict)
+    start: float = field(default_factory=time.monotonic)
+    _live: Live | None = None
+
+    @property
+    def interactive(self) -> bool:
+        return self.console.is_terminal
+
+    def _open(self) -> None:
+        if self.interactive and self._live is None:
+            self._live = Live(get_renderable=self.render, console=self.console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def _say(self, text: str) -> None:
+        if self.interactive:
+            self._open()
+        else:
+            print(f"[{clock(time.monotonic() - self.start)}] {text}", flush=True)
+
+    def started(self, trial_id: str, sampled: dict[str, Any]) -> None:
+        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {k: sampled.get(k) for k in self.parameters}))
+        line.status = "running"
+        values = ", ".join(f"{k.split('.')[-1]} {short(v)}" for k, v in line.sampled.items())
+        self._say(f"trial {trial_id} started: {values}")
+
+    def progress(self, trial_id: str, result: dict[str, Any]) -> None:
+        """A result Ray Tune received: a probe epoch (``probe_epoch``), the end of stage 1, or a finetune epoch."""
+        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
+        line.status = "running"
+        if result.get("stage") == "probe":
+            k = int(result["probe_epoch"])
+            line.stage, line.epochs_done = f"probe {k}/{self.probe_epochs}", k
+            self._say(f"trial {trial_id}: probe epoch {k}/{self.probe_epochs}, val robust "
+                      f"{result['probe_epoch_val_robust_acc']:.3f}")
+        elif result.get("stage") == "probe_done":
+            line.stage, line.epochs_done = f"probe {result.get('probe', 'done')}", self.probe_epochs
+            line.note = f"probe {result.get('probe', '')}"
+            self._say(f"trial {trial_id}: stage-1 probe {result.get('probe', 'done')}, val robust "
+                      f"{result.get('probe_val_robust_acc', float('nan')):.3f}")
+        elif "epoch" in result and "val_robust_acc" in result:
+            k = int(result["epoch"])
+            line.stage, line.epochs_done = f"finetune {k}/{self.finetune_epochs}", self.probe_epochs + k
+            line.val_clean, line.val_robust = result["val_clean_acc"], result["val_robust_acc"]
+            self._say(f"trial {trial_id}: finetune epoch {k}/{self.finetune_epochs}, val clean "
+                      f"{line.val_clean:.3f}, robust {line.val_robust:.3f}")
+
+    def finished(self, trial_id: str, status: str, detail: str = "") -> None:
+        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
+        line.status, line.note = status, detail or line.note
+        self._say(f"trial {trial_id} {status}" + (f": {detail}" if detail else ""))
+
+    def estimate_left(self) -> float | None:
+        """Seconds left, from the epochs finished so far per second of sweep time (None before the first one)."""
+        per_trial = self.probe_epochs + self.finetune_epochs
+        done = sum(line.epochs_done for line in self.lines.values())
+        if done == 0:
+            return None
+        left = sum(per_trial - line.epochs_done for line in self.lines.values() if line.status in ("running", "pending"))
+        left += per_trial * max(0, self.num_samples - len(self.lines))
+        return left * (time.monotonic() - self.start) / done
+
+    def render(self) -> Group:
+        elapsed = time.monotonic() - self.start
+        left = self.estimate_left()
+        finished = sum(line.status not in ("running", "pending") for line in self.lines.values())
+        header = Text(f"{finished}/{self.num_samples} trials finished, {clock(elapsed)} elapsed, "
+                      + (f"about {clock(left)} of trials left (estimate)" if left is not None else "estimating..."))
+        table = Table(expand=False)
+        table.add_column("trial")
+        for key in self.parameters:
+            table.add_column(key.split(".")[-1], justify="right")
+        for column in ("status", "stage", "val clean", "val robust", ""):
+            table.add_column(column, justify="right")
+        colour = {"completed": "green", "pruned": "yellow", "failed": "red", "running": "bold"}
+        for line in self.lines.values():
+            status = f"[{colour.get(line.status, 'dim')}]{line.status}[/]"
+            table.add_row(line.trial_id, *[short(line.sampled.get(k)) for k in self.parameters], status, line.stage,
+                          "-" if line.val_clean is None else f"{line.val_clean:.3f}",
+                          "-" if line.val_robust is None else f"{line.val_robust:.3f}", line.note)
+        return Group(header, table)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+            self._live = None
+
+
+class FinalProgress:
+    """The final evaluation's progress: which piece finished (examples batch with PGD and AutoAttack, or a
+    masking check) and how many are done, on one refreshed line on a terminal, a plain line per piece otherwise."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.start = time.monotonic()
+
+    def __call__(self, trial_id: str, piece: str, done: int, total: int) -> None:
+        kind, index = piece.split(":", 1)
+        what = (f"examples batch {int(index) + 1} (clean, PGD, AutoAttack)" if kind == "batch"
+                else f"masking check {index}")
+        text = (f"final evaluation of trial {trial_id}: {what} done, {done}/{total} pieces, "
+                f"{clock(time.monotonic() - self.start)}")
+        if self.console.is_terminal:
+            self.console.print(text, highlight=False)
+        else:
+            print(text, flush=True)
+
+
+def default_console() -> Console:
+    """The console of the command line: full width on a terminal, 160 columns in a log file."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_sweep_end(console: Console, outcome, space) -> None:
+    """The end of a sweep (:class:`roli_sweep.sweep.SweepOutcome` of ``space``): every trial's sampled values,
+    status and accuracies at its best val robust epoch; the Pareto front (multi-objective); the final
+    evaluation of the best trials with its threat model as the field writes it and the masking checks (warnings
+    in red); where the compute went; and the failures, each with its own reason."""
+    from roli_sweep.config import evaluation_attack
+
+    threat = evaluation_attack(space.base.attack, space.base.eval)
+    eps = ("each trial's training eps" if space.base.eval.eps is None and "attack.eps" in space.parameters
+           else eps_fraction(threat.eps))
+    table = Table(title=f"sweep {outcome.name}: accuracies at the best val robust epoch (L-inf {eps}, "
+                        f"val PGD-{space.base.eval.val_steps}, test PGD-{space.base.eval.test_steps})")
+    table.add_column("trial")
+    for key in space.parameters:
+        table.add_column(key.split(".")[-1], justify="right")
+    for column in ("status", "epochs", "val clean", "val robust", "test clean", "test robust"):
+        table.add_column(column, justify="right")
+    ranked = sorted(outcome.rows, key=lambda r: -(r.val_robust_acc or -1))
+    for row in ranked:
+        table.add_row(row.trial_id, *[short(row.sampled.get(k)) for k in space.parameters], row.status, str(row.epochs),
+                      _fmt(row.val_clean_acc), _fmt(row.val_robust_acc), _fmt(row.test_clean_acc),
+                      _fmt(row.test_robust_acc))
+    console.print(table)
+    if space.metric.multi_objective:
+        front = Table(title="Pareto front of the completed trials: val clean vs val robust accuracy "
+                            "(plot: pareto_front.png in the parent run)")
+        for column in ("trial", *[k.split(".")[-1] for k in space.parameters], "val clean", "val robust"):
+            front.add_column(column, justify="right")
+        for row in outcome.pareto_front():
+            front.add_row(row.trial_id, *[short(row.sampled.get(k)) for k in space.parameters], _fmt(row.val_clean_acc),
+                          _fmt(row.val_robust_acc))
+        console.print(front)
+    best = outcome.best()
+    if best is not None:
+        console.print(f"best trial {best.trial_id}: val robust {best.val_robust_acc:.3f} at "
+                      + ", ".join(f"{k.split('.')[-1]} {short(best.sampled.get(k))}" for k in space.parameters),
+                      highlight=False)
+    for warning in outcome.edges:
+        console.print(f"[bold yellow]search-space edge:[/] {warning.message}", highlight=False, soft_wrap=True)
+    finals = [r for r in ranked if r.final]
+    if finals:
+        params = next((r.final["params"] for r in finals if "params" in r.final), {})
+        console.print(f"final evaluation of the best trials on test: {threat_summary(params)}", highlight=False)
+        final_table = Table()
+        for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
+            final_table.add_column(column, justify="right")
+        for row in finals:
+            if "error" in row.final:
+                final_table.add_row(row.trial_id, "[red]failed[/]", "", "", row.final["error"])
+                continue
+            m, checks = row.final["metrics"], row.final["checks"]
+            warned = [check for check, status, _ in checks if status != "pass"]
+            final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
+                                _fmt(m.get("final_autoattack_acc")),
+                                "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
+        console.print(final_table)
+        for row in finals:
+            for check, status, detail in row.final.get("checks", []):
+                if status != "pass":
+                    console.print(f"[bold red]trial {row.trial_id} masking check {check}: warning[/] ({detail})",
+                                  highlight=False)
+    if outcome.importance:
+        importance = Table(title="hyperparameter importance for best val robust accuracy (Optuna fANOVA, completed "
+                                 "trials; importance.png and val_robust_vs_lr.png in the parent run)")
+        importance.add_column("parameter")
+        importance.add_column("importance", justify="right")
+        for key, value in outcome.importance.items():
+            importance.add_row(key, f"{value:.2f}")
+        console.print(importance)
+    if outcome.compute:
+        c = outcome.compute
+        console.print(f"compute: trials {c['compute_trials_s']:.0f} core-s, final evaluation "
+                      f"{c['compute_final_eval_s']:.0f} core-s, saved by cached probes {c['compute_probe_saved_s']:.0f} "
+                      f"core-s; idle {100 * c['idle_fraction']:.0f} % of the CPUs over {clock(c['wall_s'])}",
+                      highlight=False)
+    for row in outcome.rows:
+        if row.error:
+            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}", highlight=False)

@@ -1,0 +1,94 @@
+"""The sweep's live view, the registries, the lr schedule and the sampling domains: small units, no Ray runtime."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from rich.console import Console
+
+from roli_sweep.console import LiveTable
+from roli_sweep.records import eps_fraction, threat_summary
+
+
+def _feed(view: LiveTable) -> None:
+    view.started("t1", {"finetune.lr": 0.001234, "finetune.head_init": "roli"})
+    view.progress("t1", {"stage": "probe", "probe_epoch": 1, "probe_epochs": 2, "probe_epoch_val_robust_acc": 0.2})
+    view.progress("t1", {"stage": "probe_done", "probe": "cached", "probe_val_robust_acc": 0.25, "epoch": 0})
+    view.progress("t1", {"stage": "finetune", "epoch": 3, "val_clean_acc": 0.61, "val_robust_acc": 0.42})
+
+
+def test_live_table_shows_stage_epoch_accuracies_and_an_estimate():
+    out = io.StringIO()
+    view = LiveTable(4, ["finetune.lr", "finetune.head_init"], 2, 6,
+                     console=Console(file=out, force_terminal=True, width=150))
+    _feed(view)
+    rendered = Console(file=io.StringIO(), width=150, record=True)
+    rendered.print(view.render())
+    text = rendered.export_text()
+    assert "finetune 3/6" in text and "0.420" in text and "0.610" in text and "0.00123" in text
+    assert "probe cached" in text and "0/4 trials finished" in text and "left (estimate)" in text
+    view.finished("t1", "completed", "best val clean 0.610, robust 0.420")
+    assert view.estimate_left() is not None and view.lines["t1"].status == "completed"
+    view.close()
+
+
+def test_without_a_terminal_every_event_is_one_plain_line(capsys):
+    view = LiveTable(2, ["finetune.lr"], 2, 6, console=Console(file=io.StringIO(), force_terminal=False))
+    _feed(view)
+    view.finished("t1", "failed", "DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert lines[0].endswith("trial t1 started: lr 0.00123")
+    assert "finetune epoch 3/6, val clean 0.610, robust 0.420" in lines[3]
+    assert lines[4].endswith("trial t1 failed: DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10")
+
+
+def test_threat_model_is_written_as_the_field_writes_it():
+    assert eps_fraction(8 / 255) == "8/255" and eps_fraction(0.1) == "0.1"
+    params = {"final_eval.norm": "Linf", "final_eval.eps": str(8 / 255), "final_eval.pgd_steps": "20",
+              "final_eval.pgd_restarts": "5", "final_eval.autoattack.version": "standard",
+              "final_eval.n_examples": "100"}
+    assert threat_summary(params) == "L-inf 8/255, PGD-20 ×5 restarts, AutoAttack standard, 100 test images"
+
+
+def test_registries_refuse_a_duplicate_name():
+    from roli_sweep.data import register_dataset
+    from roli_sweep.models.methods.base import register_method
+    from roli_sweep.models.methods.lora import Lora
+
+    with pytest.raises(ValueError, match="'digits' is registered already"):
+        register_dataset("digits")(lambda cfg: None)
+    with pytest.raises(ValueError, match="'lora' is registered already"):
+        register_method(Lora)
+
+
+def test_warmup_cosine_starts_above_zero_peaks_after_warmup_and_ends_at_zero():
+    from roli_sweep.config import StageConfig
+    from roli_sweep.train import warmup_cosine
+
+    factor = warmup_cosine(StageConfig(epochs=4, lr=0.1, warmup_epochs=1, optimizer="sgd"), steps_per_epoch=10)
+    assert factor(0) == pytest.approx(0.1)  # the first step already trains (the reference's first epoch ran at 0)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(25) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factor(39) > 0 and factor(40) == pytest.approx(0.0)
+    assert all(factor(i) >= factor(i + 1) for i in range(10, 40))
+    assert warmup_cosine(StageConfig(epochs=2, lr=0.1, warmup_epochs=0, optimizer="sgd"), 5)(0) == pytest.approx(1.0)
+
+
+def test_sampling_domains_cover_their_ranges():
+    from ray import tune
+
+    from roli_sweep.config import ParameterSpec
+    from roli_sweep.sweep import tune_domain
+
+    log = tune_domain(ParameterSpec(distribution="log_uniform_values", min=1e-4, max=1e-2))
+    ints = tune_domain(ParameterSpec(distribution="int_uniform", min=2, max=4))
+    uniform = tune_domain(ParameterSpec(distribution="uniform", min=0.1, max=0.2))
+    choice = tune_domain(ParameterSpec(values=["roli", "random"]))
+    assert isinstance(log, tune.search.sample.Float) and log.lower == 1e-4 and log.upper == 1e-2
+    assert isinstance(log.sampler, tune.search.sample.LogUniform)
+    samples = ints.sample(size=300, random_state=0)
+    assert set(samples) == {2, 3, 4}, "int_uniform includes max"
+    assert all(0.1 <= v <= 0.2 for v in uniform.sample(size=100, random_state=0))
+    assert choice.categories == ["roli", "random"]
