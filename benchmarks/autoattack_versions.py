@@ -22,7 +22,7 @@ import time
 import torch
 import yaml
 
-from roli_sweep.autoattack import autoattack_robust
+from roli_sweep.autoattack import ROBUST, autoattack_outcomes
 from roli_sweep.config import apply_overrides, evaluation_attack, load_search_space
 from roli_sweep.trial import run_trial
 
@@ -50,7 +50,8 @@ def main() -> None:
         clean = model(x).argmax(1) == y
 
     started = time.perf_counter()
-    published = autoattack_robust(model, x, y, clean, eps, result.num_classes, cfg.eval.final.autoattack, seed=0)
+    published = autoattack_outcomes(model, x, y, clean, eps, result.num_classes, cfg.eval.final.autoattack,
+                                    seed=0) == ROBUST
     published_s = time.perf_counter() - started
 
     import torchattacks
