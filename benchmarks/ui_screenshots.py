@@ -3,9 +3,11 @@ researcher sees: the experiment opens on its runs, and a chart comparison of the
 
     python benchmarks/ui_screenshots.py --tracking-uri sqlite:///mlflow.db --name SWEEP --out docs/ui
 
-Starts ``mlflow server`` on 127.0.0.1 (a free port) over the store, writes ``runs.png`` (the experiment's
-page as the UI opens it) and ``compare.png`` (the compare view of the sweep's child runs), then stops the
-server. Needs ``apt-get install -y chromium``. Not a test: it only shows what the UI renders.
+Starts ``mlflow server`` on 127.0.0.1 (a free port) over the store, writes ``opened_plain.png`` (the
+experiment's page at its plain address: MLflow 3.17 opens it per its GenAI / Model training switch, which
+starts on GenAI in a new browser whatever the experiment's tag), ``runs.png`` (the address the sweep
+prints, with ``workflowType=machine_learning``: the training runs) and ``compare.png`` (the compare view
+of the sweep's child runs), then stops the server. Needs ``apt-get install -y chromium``. Not a test: it only shows what the UI renders.
 """
 from __future__ import annotations
 
@@ -69,9 +71,12 @@ def main() -> None:
                     sys.exit("mlflow server did not start within 90 s")
                 time.sleep(0.5)
         args.out.mkdir(parents=True, exist_ok=True)
-        _shot(f"{base}/#/experiments/{experiment}", args.out / "runs.png", args.budget_ms)
+        _shot(f"{base}/#/experiments/{experiment}", args.out / "opened_plain.png", args.budget_ms)
+        _shot(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning", args.out / "runs.png",
+              args.budget_ms)
         runs = urllib.parse.quote(json.dumps([c.info.run_id for c in children]))
-        _shot(f"{base}/#/compare-runs?runs={runs}&experiments={urllib.parse.quote(json.dumps([experiment]))}",
+        _shot(f"{base}/#/compare-runs?runs={runs}&experiments={urllib.parse.quote(json.dumps([experiment]))}"
+              "&workflowType=machine_learning",
               args.out / "compare.png", args.budget_ms)
     finally:
         server.terminate()

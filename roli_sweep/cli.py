@@ -109,8 +109,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"--storage-path {args.storage_path}" + (f" --address {args.address}" if args.address else ""))
     print_sweep_end(console, outcome, space)
     console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
-                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}",
-                  highlight=False, soft_wrap=True)
+                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}\n"
+                  f"and open http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs?workflowType="
+                  "machine_learning (MLflow 3.17's UI starts on its GenAI view otherwise)", highlight=False, soft_wrap=True)
     console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / name}", highlight=False)
     if outcome.interrupted:
         console.print(f"[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {resume}",

@@ -1,10 +1,12 @@
-"""What a sweep shows on the terminal while it runs: a live table of every trial, and the final evaluation's progress.
+"""What a sweep shows while it runs and at its end.
 
-On a terminal, :class:`LiveTable` is a rich ``Live`` table refreshed in place: each trial's id and sampled
-values, status, stage and epoch (``probe k/N``, ``finetune k/N``), last val clean and robust accuracy, and
-above it the sweep's elapsed time and an estimate of what is left. When the output is not a terminal (a log
-file, CI) it prints one plain line per event instead. It imports neither Ray nor torch: the Ray Tune
-callback that feeds it is :class:`roli_sweep.tune.callbacks.ConsoleProgress`. Reference: rich ``Live`` docs.
+:class:`ProgressLines` prints one line per event as it happens, each with the sweep's elapsed time: a trial
+started (with its sampled values), a probe epoch, the probe computed or cached, a finetune epoch (val clean
+and robust accuracy), a trial ended (with the trials finished and an estimate of what is left). A rich
+``Live`` table redrawn in place was tried: on a terminal the trials' Ray actors then died before they ran,
+for a reason not yet found, so it is not used. :class:`FinalProgress` prints the final evaluation's pieces
+and :func:`print_sweep_end` the end tables. It imports neither Ray nor torch: the Ray Tune callback that
+feeds it is :class:`roli_sweep.tune.callbacks.ConsoleProgress`.
 """
 from __future__ import annotations
 
@@ -13,10 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from roli_sweep.records import eps_fraction, threat_summary
 
@@ -48,35 +48,21 @@ class TrialLine:
 
 
 @dataclass
-class LiveTable:
+class ProgressLines:
     """The live view of a sweep of ``num_samples`` trials with ``probe_epochs`` + ``finetune_epochs`` epochs each.
 
-    Feed it with :meth:`started`, :meth:`progress` and :meth:`finished`; :meth:`close` ends the live display.
+    Feed it with :meth:`started`, :meth:`progress` and :meth:`finished`.
     """
 
     num_samples: int
     parameters: list[str]
     probe_epochs: int
     finetune_epochs: int
-    console: Console = field(default_factory=Console)
     lines: dict[str, TrialLine] = field(default_factory=dict)
     start: float = field(default_factory=time.monotonic)
-    _live: Live | None = None
-
-    @property
-    def interactive(self) -> bool:
-        return self.console.is_terminal
-
-    def _open(self) -> None:
-        if self.interactive and self._live is None:
-            self._live = Live(get_renderable=self.render, console=self.console, refresh_per_second=2, transient=False)
-            self._live.start()
 
     def _say(self, text: str) -> None:
-        if self.interactive:
-            self._open()
-        else:
-            print(f"[{clock(time.monotonic() - self.start)}] {text}", flush=True)
+        print(f"[{clock(time.monotonic() - self.start)}] {text}", flush=True)
 
     def started(self, trial_id: str, sampled: dict[str, Any]) -> None:
         line = self.lines.setdefault(trial_id, TrialLine(trial_id, {k: sampled.get(k) for k in self.parameters}))
@@ -108,7 +94,12 @@ class LiveTable:
     def finished(self, trial_id: str, status: str, detail: str = "") -> None:
         line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
         line.status, line.note = status, detail or line.note
-        self._say(f"trial {trial_id} {status}" + (f": {detail}" if detail else ""))
+        done = sum(line.status not in ("running", "pending") for line in self.lines.values())
+        left = self.estimate_left()
+        self._say(f"trial {trial_id} {status}" + (f": {detail}" if detail else "")
+                  + f"; {done}/{self.num_samples} trials finished"
+                  + (f", about {clock(left)} of trials left (estimate)" if left is not None and done < self.num_samples
+                     else ""))
 
     def estimate_left(self) -> float | None:
         """Seconds left, from the epochs finished so far per second of sweep time (None before the first one)."""
@@ -120,51 +111,20 @@ class LiveTable:
         left += per_trial * max(0, self.num_samples - len(self.lines))
         return left * (time.monotonic() - self.start) / done
 
-    def render(self) -> Group:
-        elapsed = time.monotonic() - self.start
-        left = self.estimate_left()
-        finished = sum(line.status not in ("running", "pending") for line in self.lines.values())
-        header = Text(f"{finished}/{self.num_samples} trials finished, {clock(elapsed)} elapsed, "
-                      + (f"about {clock(left)} of trials left (estimate)" if left is not None else "estimating..."))
-        table = Table(expand=False)
-        table.add_column("trial")
-        for key in self.parameters:
-            table.add_column(key.split(".")[-1], justify="right")
-        for column in ("status", "stage", "val clean", "val robust", ""):
-            table.add_column(column, justify="right")
-        colour = {"completed": "green", "pruned": "yellow", "failed": "red", "running": "bold"}
-        for line in self.lines.values():
-            status = f"[{colour.get(line.status, 'dim')}]{line.status}[/]"
-            table.add_row(line.trial_id, *[short(line.sampled.get(k)) for k in self.parameters], status, line.stage,
-                          "-" if line.val_clean is None else f"{line.val_clean:.3f}",
-                          "-" if line.val_robust is None else f"{line.val_robust:.3f}", line.note)
-        return Group(header, table)
-
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.refresh()
-            self._live.stop()
-            self._live = None
-
 
 class FinalProgress:
     """The final evaluation's progress: which piece finished (examples batch with PGD and AutoAttack, or a
-    masking check) and how many are done, on one refreshed line on a terminal, a plain line per piece otherwise."""
+    masking check) and how many are done, one plain line per piece."""
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+    def __init__(self) -> None:
         self.start = time.monotonic()
 
     def __call__(self, trial_id: str, piece: str, done: int, total: int) -> None:
         kind, index = piece.split(":", 1)
         what = (f"examples batch {int(index) + 1} (clean, PGD, AutoAttack)" if kind == "batch"
                 else f"masking check {index}")
-        text = (f"final evaluation of trial {trial_id}: {what} done, {done}/{total} pieces, "
-                f"{clock(time.monotonic() - self.start)}")
-        if self.console.is_terminal:
-            self.console.print(text, highlight=False)
-        else:
-            print(text, flush=True)
+        print(f"final evaluation of trial {trial_id}: {what} done, {done}/{total} pieces, "
+              f"{clock(time.monotonic() - self.start)}", flush=True)
 
 
 def default_console() -> Console:

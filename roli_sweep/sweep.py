@@ -44,7 +44,7 @@ from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 
 from roli_sweep.analysis import log_sweep_analysis  # noqa: E402
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
-from roli_sweep.console import FinalProgress, default_console  # noqa: E402
+from roli_sweep.console import FinalProgress  # noqa: E402
 from roli_sweep.edges import EdgeWarning, edge_warnings  # noqa: E402
 from roli_sweep.plots import plot_pareto  # noqa: E402
 from roli_sweep.tracking import (  # noqa: E402
@@ -113,6 +113,7 @@ class SweepOutcome:
     storage_path: Path
     interrupted: bool = False
     """Ctrl+C stopped the sweep (trials or final evaluation); ``--resume --name`` continues it."""
+    experiment_id: str = ""
     compute: dict[str, float] | None = None
     """Where the compute went (:func:`compute_accounting`); None when the sweep did not finish."""
     edges: list[EdgeWarning] = field(default_factory=list)
@@ -266,7 +267,8 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
         raise
     rows = _rows(results, space.base.finetune.epochs)
     outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
-                           interrupted=interruption.pressed)
+                           interrupted=interruption.pressed,
+                           experiment_id=client.get_run(parent_run_id).info.experiment_id)
     if outcome.interrupted:
         stopped = mark_interrupted(client, parent_run_id)
         for row in rows:  # not pruned: --resume continues them
@@ -285,7 +287,7 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
             plot_pareto(outcome.completed(), outcome.pareto_front(), png, title=f"sweep {name}")
             client.log_artifact(parent_run_id, str(png))
     try:
-        final_seconds = final_evaluation(outcome, space, experiment_dir, base, threads, FinalProgress(default_console()))
+        final_seconds = final_evaluation(outcome, space, experiment_dir, base, threads, FinalProgress())
     except KeyboardInterrupt:  # the per-batch state is kept: --resume continues the evaluation
         mark_interrupted(client, parent_run_id)
         outcome.interrupted = True

@@ -1,47 +1,34 @@
-"""The sweep's live view, the registries, the lr schedule and the sampling domains: small units, no Ray runtime."""
+"""The sweep's progress lines, the registries, the lr schedule and the sampling domains: small units, no Ray runtime."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
-from rich.console import Console
 
-from roli_sweep.console import LiveTable
+from roli_sweep.console import ProgressLines
 from roli_sweep.records import eps_fraction, threat_summary
 
 
-def _feed(view: LiveTable) -> None:
+def _feed(view: ProgressLines) -> None:
     view.started("t1", {"finetune.lr": 0.001234, "finetune.head_init": "roli"})
     view.progress("t1", {"stage": "probe", "probe_epoch": 1, "probe_epochs": 2, "probe_epoch_val_robust_acc": 0.2})
     view.progress("t1", {"stage": "probe_done", "probe": "cached", "probe_val_robust_acc": 0.25, "epoch": 0})
     view.progress("t1", {"stage": "finetune", "epoch": 3, "val_clean_acc": 0.61, "val_robust_acc": 0.42})
 
 
-def test_live_table_shows_stage_epoch_accuracies_and_an_estimate():
-    out = io.StringIO()
-    view = LiveTable(4, ["finetune.lr", "finetune.head_init"], 2, 6,
-                     console=Console(file=out, force_terminal=True, width=150))
-    _feed(view)
-    rendered = Console(file=io.StringIO(), width=150, record=True)
-    rendered.print(view.render())
-    text = rendered.export_text()
-    assert "finetune 3/6" in text and "0.420" in text and "0.610" in text and "0.00123" in text
-    assert "probe cached" in text and "0/4 trials finished" in text and "left (estimate)" in text
-    view.finished("t1", "completed", "best val clean 0.610, robust 0.420")
-    assert view.estimate_left() is not None and view.lines["t1"].status == "completed"
-    view.close()
-
-
-def test_without_a_terminal_every_event_is_one_plain_line(capsys):
-    view = LiveTable(2, ["finetune.lr"], 2, 6, console=Console(file=io.StringIO(), force_terminal=False))
+def test_every_event_is_one_line_with_the_elapsed_time_and_an_estimate_at_each_trial_end(capsys):
+    view = ProgressLines(2, ["finetune.lr"], 2, 6)
     _feed(view)
     view.finished("t1", "failed", "DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10")
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 5 and all(line.startswith("[0 s] ") for line in lines)
     assert lines[0].endswith("trial t1 started: lr 0.00123")
-    assert "finetune epoch 3/6, val clean 0.610, robust 0.420" in lines[3]
-    assert lines[4].endswith("trial t1 failed: DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10")
+    assert lines[1].endswith("trial t1: probe epoch 1/2, val robust 0.200")
+    assert lines[2].endswith("trial t1: stage-1 probe cached, val robust 0.250")
+    assert lines[3].endswith("trial t1: finetune epoch 3/6, val clean 0.610, robust 0.420")
+    assert "trial t1 failed: DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10; 1/2 trials finished, " \
+           "about " in lines[4] and lines[4].endswith("of trials left (estimate)")
+    assert view.estimate_left() is not None
 
 
 def test_threat_model_is_written_as_the_field_writes_it():

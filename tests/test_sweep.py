@@ -74,6 +74,7 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert len(children) == 4
     assert parent.info.status == "FINISHED"
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"/#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning" in printed
     # one probe setting: computed once, read from the cache by the other trials
     assert sorted(c.data.tags["probe"] for c in children) == ["cached", "cached", "cached", "computed"]
     assert len({c.data.tags["probe_key"] for c in children}) == 1

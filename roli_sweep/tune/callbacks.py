@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
-from roli_sweep.console import LiveTable, default_console
+from roli_sweep.console import ProgressLines
 from roli_sweep.tracking import ROLE_TAG, describe_trial_run, experiment_id, log_epoch_metrics, trial_status
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -121,7 +121,7 @@ class MlflowTrialCallback(tune.Callback):
 
 
 class ConsoleProgress(tune.Callback):
-    """Feeds the sweep's live view (:class:`roli_sweep.console.LiveTable`; Ray's own output is off): each trial's
+    """Feeds the sweep's progress lines (:class:`roli_sweep.console.ProgressLines`; Ray's own output is off): each trial's
     start, probe and finetune epochs and end, a failure as the trial's own exception.
 
     Holds only plain data when pickled with the experiment state; the view is rebuilt on a restore.
@@ -130,15 +130,15 @@ class ConsoleProgress(tune.Callback):
     def __init__(self, num_samples: int, parameters: list[str], probe_epochs: int, finetune_epochs: int) -> None:
         self.settings = (num_samples, parameters, probe_epochs, finetune_epochs)
         self.finetune_epochs = finetune_epochs
-        self._view: LiveTable | None = None
+        self._view: ProgressLines | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_view": None}
 
     @property
-    def view(self) -> LiveTable:
+    def view(self) -> ProgressLines:
         if self._view is None:
-            self._view = LiveTable(*self.settings, console=default_console())
+            self._view = ProgressLines(*self.settings)
         return self._view
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -161,7 +161,3 @@ class ConsoleProgress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, errored=True)
-
-    def on_experiment_end(self, trials, **info) -> None:
-        if self._view is not None:
-            self._view.close()
