@@ -34,22 +34,18 @@ def clock(seconds: float) -> str:
 
 @dataclass
 class TrialLine:
-    """One trial's row of the live table."""
+    """One trial's state, for the estimate of what is left."""
 
     trial_id: str
     sampled: dict[str, Any]
     status: str = "pending"
-    stage: str = ""
     epochs_done: int = 0
     """Probe plus finetune epochs finished (for the estimate)."""
-    val_clean: float | None = None
-    val_robust: float | None = None
-    note: str = ""
 
 
 @dataclass
 class ProgressLines:
-    """The live view of a sweep of ``num_samples`` trials with ``probe_epochs`` + ``finetune_epochs`` epochs each.
+    """The progress lines of a sweep of ``num_samples`` trials with ``probe_epochs`` + ``finetune_epochs`` epochs each.
 
     Feed it with :meth:`started`, :meth:`progress` and :meth:`finished`.
     """
@@ -76,24 +72,22 @@ class ProgressLines:
         line.status = "running"
         if result.get("stage") == "probe":
             k = int(result["probe_epoch"])
-            line.stage, line.epochs_done = f"probe {k}/{self.probe_epochs}", k
+            line.epochs_done = k
             self._say(f"trial {trial_id}: probe epoch {k}/{self.probe_epochs}, val robust "
                       f"{result['probe_epoch_val_robust_acc']:.3f}")
         elif result.get("stage") == "probe_done":
-            line.stage, line.epochs_done = f"probe {result.get('probe', 'done')}", self.probe_epochs
-            line.note = f"probe {result.get('probe', '')}"
+            line.epochs_done = self.probe_epochs
             self._say(f"trial {trial_id}: stage-1 probe {result.get('probe', 'done')}, val robust "
                       f"{result.get('probe_val_robust_acc', float('nan')):.3f}")
         elif "epoch" in result and "val_robust_acc" in result:
             k = int(result["epoch"])
-            line.stage, line.epochs_done = f"finetune {k}/{self.finetune_epochs}", self.probe_epochs + k
-            line.val_clean, line.val_robust = result["val_clean_acc"], result["val_robust_acc"]
+            line.epochs_done = self.probe_epochs + k
             self._say(f"trial {trial_id}: finetune epoch {k}/{self.finetune_epochs}, val clean "
-                      f"{line.val_clean:.3f}, robust {line.val_robust:.3f}")
+                      f"{result['val_clean_acc']:.3f}, robust {result['val_robust_acc']:.3f}")
 
     def finished(self, trial_id: str, status: str, detail: str = "") -> None:
         line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
-        line.status, line.note = status, detail or line.note
+        line.status = status
         done = sum(line.status not in ("running", "pending") for line in self.lines.values())
         left = self.estimate_left()
         self._say(f"trial {trial_id} {status}" + (f": {detail}" if detail else "")
