@@ -14,6 +14,7 @@ from pathlib import Path
 
 from roli_sweep.config import (
     ConfigError,
+    SearchSpace,
     load_pretrain_config,
     load_search_space,
     load_study_config,
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
     sweep.add_argument("--name", help="sweep name (default: <space name>-<timestamp>); required with --resume")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
+    sweep.add_argument("--seed-from", metavar="SWEEP",
+                       help="a new sweep whose Optuna study starts with this finished sweep's trials; its --space "
+                            "may only widen that sweep's ranges or add categorical values")
     sweep.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://host:10001)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs for a local Ray runtime (default: all)")
     sweep.add_argument("--storage-path", type=Path, default=Path("ray_results"), help="Ray Tune storage folder")
@@ -84,6 +88,27 @@ def _script() -> str:
     return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
 
 
+def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
+    """``--resume`` continues a sweep on the space it started with; ``--seed-from`` may widen it
+    (:mod:`roli_sweep.widening`).
+
+    Raises:
+        ConfigError: the space changes more than bounds and values, or ``--resume`` was given a widened space
+            (Ray Tune restores the search space it stored); the message gives the ``--seed-from`` command.
+        FileNotFoundError: no sweep folder with its space under ``--storage-path``.
+    """
+    from roli_sweep.widening import load_sweep_space, widened_parameters
+
+    old_name = args.name if args.resume else args.seed_from
+    widened = widened_parameters(load_sweep_space(args.storage_path / old_name), space)
+    if args.resume and widened:
+        raise ConfigError(
+            f"--resume: {args.space} widens {', '.join(widened)} of sweep {old_name}, and Ray Tune restores a sweep "
+            "with the search space it stored. Search the widened space in a new sweep that starts from the "
+            f"finished trials:\n  python {_script()} --space {args.space} --seed-from {old_name} "
+            f"--tracking-uri {args.tracking_uri} --storage-path {args.storage_path}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     _positive(args.num_samples, "--num-samples")
     _positive(args.max_concurrent, "--max-concurrent")
@@ -91,12 +116,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name: value {args.name!r} not allowed: letters, digits, '_', '.', '-' only")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name: the sweep to continue")
+    if args.resume and args.seed_from:
+        raise ConfigError("--seed-from starts a new sweep; it does not go with --resume")
     space = load_search_space(args.space)
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
     space = space.model_copy(update=overrides)
     inputs = [space.base] + [space.trial_config({key: value}) for key, spec in space.parameters.items()
                              if key.startswith(("data.", "backbone.")) for value in spec.candidates()]
     check_inputs(inputs)
+    if args.resume or args.seed_from:
+        _check_continuation(args, space)
 
     from roli_sweep.sweep import INTERRUPTED_EXIT, default_sweep_name, run_sweep  # imports Ray: after validation
 
@@ -104,7 +133,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console.print(f"[bold]sweep[/] {name}: {space.num_samples} trials of {space.base.finetune.method}, "
                   f"sampling {', '.join(space.parameters) or 'nothing'}")
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
-                        num_cpus=args.num_cpus, resume=args.resume, probe_cache=not args.no_probe_cache)
+                        num_cpus=args.num_cpus, resume=args.resume, probe_cache=not args.no_probe_cache,
+                        seed_from=args.seed_from)
     resume = (f"python {_script()} --space {args.space} --name {name} --resume --tracking-uri {args.tracking_uri} "
               f"--storage-path {args.storage_path}" + (f" --address {args.address}" if args.address else ""))
     print_sweep_end(console, outcome, space)
@@ -234,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:  # Ctrl+C outside a sweep's trials (which handles its own)
         console.print("[bold yellow]interrupted[/]")

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,11 +37,12 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
-from mlflow.entities import RunTag  # noqa: E402
+from mlflow.entities import Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from roli_sweep.analysis import log_sweep_analysis  # noqa: E402
 from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides  # noqa: E402
@@ -56,9 +58,10 @@ from roli_sweep.tracking import (  # noqa: E402
 )
 from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, failure_reason  # noqa: E402
 from roli_sweep.tune.runtime import logs_to_file, start_local_runtime, stop_local_runtime  # noqa: E402
-from roli_sweep.tune.searcher import TruthfulOptunaSearch  # noqa: E402
+from roli_sweep.tune.searcher import TruthfulOptunaSearch, seed_study  # noqa: E402
 from roli_sweep.tune.final_pool import FinalJob, run_final_jobs  # noqa: E402
 from roli_sweep.tune.trainable import run_tune_trial  # noqa: E402
+from roli_sweep.widening import save_sweep_space  # noqa: E402
 
 OPTUNA_DB = "optuna.db"
 """The sweep's Optuna study, in its Ray Tune experiment folder (SQLite RDB storage)."""
@@ -164,12 +167,16 @@ class Interruption:
 
     Ray Tune's own SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``): it stays installed
     after ``fit()`` and would swallow a Ctrl+C during the final evaluation. The first press raises
-    SIGUSR1, Ray Tune's other graceful-stop signal, and remembers it; the second calls ``os._exit(130)``.
-    Outside :meth:`during_fit`, Ctrl+C raises ``KeyboardInterrupt`` as usual.
+    SIGUSR1, Ray Tune's other graceful-stop signal, and remembers it. From then on until the process ends,
+    a second press calls ``os._exit(130)`` from a watcher thread woken by :func:`signal.set_wakeup_fd`,
+    so it takes effect even while the main thread is inside a C call (a Python handler waits for the main
+    thread to return to the interpreter, and Ray's shutdown can hold it for seconds).
+    Outside :meth:`during_fit` and before a first press, Ctrl+C raises ``KeyboardInterrupt`` as usual.
     """
 
     def __init__(self) -> None:
         self.pressed = False
+        self._presses = 0
 
     def _on_sigint(self, signum, frame) -> None:
         if self.pressed:
@@ -178,16 +185,33 @@ class Interruption:
         print("Ctrl+C: stopping the trials after their current step (again to exit at once)", flush=True)
         signal.raise_signal(signal.SIGUSR1)
 
+    def _watch(self, wakeup: int) -> None:
+        """Count SIGINTs as the C-level handler writes them to ``wakeup``; exit at the second."""
+        while signals := os.read(wakeup, 64):  # b"" once the writing end is closed
+            for signum in signals:
+                if signum == signal.SIGINT:
+                    self._presses += 1
+                    if self._presses >= 2:
+                        os._exit(INTERRUPTED_EXIT)
+        os.close(wakeup)
+
     @contextmanager
     def during_fit(self) -> Iterator[None]:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+        wakeup, written = os.pipe()
+        os.set_blocking(written, False)
+        previous_wakeup = signal.set_wakeup_fd(written, warn_on_full_buffer=False)
         signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self._watch, args=(wakeup,), name="second-ctrl-c", daemon=True).start()
         try:
             yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            signal.signal(signal.SIGUSR1, previous[signal.SIGUSR1])
+            if not self.pressed:  # after a first press, a second one exits at once until the process ends
+                signal.signal(signal.SIGINT, previous[signal.SIGINT])
+                signal.set_wakeup_fd(previous_wakeup)
+                os.close(written)  # the watcher's read returns b"" and it ends
 
 
 def run_sweep(
@@ -200,6 +224,7 @@ def run_sweep(
     num_cpus: int | None = None,
     resume: bool = False,
     probe_cache: bool = True,
+    seed_from: str | None = None,
 ) -> SweepOutcome:
     """Run (or resume) the study described by ``space``.
 
@@ -215,6 +240,8 @@ def run_sweep(
             unfinished ones continued from their last checkpoint).
         probe_cache: share stage 1 between trials with the same probe settings
             (:mod:`roli_sweep.probe_cache`, in ``<storage_path>/<name>/probe_cache``).
+        seed_from: a finished sweep in ``storage_path`` whose finished trials start this new sweep's Optuna
+            study (``space`` widens that sweep's, :mod:`roli_sweep.widening`, checked by the caller).
 
     Raises:
         FileNotFoundError: ``resume`` asked for but no restorable sweep at ``storage_path / name``.
@@ -230,7 +257,7 @@ def run_sweep(
         elif started:  # recorded, so that a killed driver's runtime is ended at the next start
             start_local_runtime(storage_path, num_cpus)
         try:
-            return _sweep(space, space_path, name, tracking_uri, storage_path, resume, probe_cache)
+            return _sweep(space, space_path, name, tracking_uri, storage_path, resume, probe_cache, seed_from)
         finally:
             if started and address:
                 ray.shutdown()
@@ -239,7 +266,7 @@ def run_sweep(
 
 
 def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, storage_path: Path,
-           resume: bool, probe_cache: bool) -> SweepOutcome:
+           resume: bool, probe_cache: bool, seed_from: str | None) -> SweepOutcome:
     """:func:`run_sweep` on a running Ray runtime."""
     experiment_dir = storage_path / name
     started = time.perf_counter()
@@ -256,8 +283,16 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
+        save_sweep_space(space, experiment_dir)
         tuner = _new_tuner(space, name, storage_path, trainable, param_space,
                            MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base))
+        if seed_from:
+            seeded = seed_study(optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / OPTUNA_DB}"), name,
+                                optuna.storages.RDBStorage(f"sqlite:///{storage_path / seed_from / OPTUNA_DB}"),
+                                seed_from, OptunaSearch.convert_search_space(param_space),
+                                ["maximize"] * (2 if space.metric.multi_objective else 1))
+            client.log_batch(parent_run_id, params=[Param("seeded_from", seed_from),
+                                                    Param("seeded_trials", str(seeded))])
     interruption = Interruption()
     try:
         with interruption.during_fit():

@@ -44,6 +44,7 @@ def start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlflow server did not answer /health within 90 s")
 
 
+@pytest.mark.extended
 def test_sweep_on_two_nodes(tmp_path, space_dict):
     space_dict["num_samples"] = 4
     space_dict["base"]["eval"]["final"]["batch_size"] = 8

@@ -213,3 +213,70 @@ def test_train_with_seeds_reports_mean_std_and_paired_difference(tmp_path, trial
         ("0", "random"), ("0", "roli"), ("1", "random"), ("1", "roli")]
     assert all("final_autoattack_acc" not in r.data.metrics for r in runs)
     assert main(["train", "--config", str(config), "--seeds", "0"]) == 2
+
+
+NARROW_LR = {
+    "name": "narrow", "num_samples": 6, "max_concurrent": 2, "final_top_k": 0,
+    # TPE's first 10 trials are random; with seed 319 they draw lr 9.96e-3, 8.23e-3, 1.39e-3, 1.03e-3, 2.99e-3
+    # and 9.90e-3: the three largest in the range's outer tenth, the others at least 2.7x smaller
+    "seed": 319,
+    "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_t": 2},  # no pruning
+    "base": {
+        "seed": 0,
+        "data": {"name": "digits", "image_size": 28, "train_size": 192, "val_size": 96, "test_size": 32},
+        "backbone": {"name": "vit_tiny_patch16_224", "weights": "shipped:fmnist59_vit_robust", "mean": [0.5],
+                     "std": [0.5], "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 96,
+                                              "depth": 4, "num_heads": 3}},
+        "attack": {"eps": "8/255", "steps": 2, "step_size": "4/255"},
+        "eval": {"val_steps": 3, "test_steps": 3, "batch_size": 128},
+        "probe": {"epochs": 1, "lr": 0.05, "optimizer": "sgd", "batch_size": 64},
+        "finetune": {"method": "lora", "method_params": {"r": 4, "alpha": 4}, "head_init": "random", "epochs": 2,
+                     "lr": 1e-3, "optimizer": "adamw", "batch_size": 64, "warmup_epochs": 0.5}},
+    # measured at this setting (RanLI): val robust accuracy 0.042 at lr 1e-3, 0.052 at 3e-3, 0.125 at 8.2e-3, then
+    # 0.104 at 1e-2, 3e-2 and 1e-1: the best trials sit at the upper bound, and nothing above it is worse
+    "parameters": {"finetune.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2}},
+}
+
+
+def test_a_too_narrow_lr_range_warns_and_a_widened_space_starts_from_its_trials(tmp_path, monkeypatch, ray_runtime,
+                                                                                 capsys):
+    """Issue 12: the range-edge warning on the console and the parent run; ``--resume`` with a widened space
+    is refused with the ``--seed-from`` command, which (run as printed) starts from the finished trials."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    narrow = write_yaml(tmp_path / "narrow.yaml", NARROW_LR)
+    assert main(["--space", str(narrow), "--name", "n1", "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    warning = "finetune.lr: range [0.001, 0.01] (log): the best trials ran at"
+    assert warning in printed and "move max to 0.1" in printed
+    client = MlflowClient(uri)
+    parent, children = _children(client, "n1")
+    assert parent.data.tags["search_space.edge.finetune.lr"].startswith(warning)
+    assert "move max to 0.1" in parent.data.tags["search_space.edge.finetune.lr"]
+    best = max(children, key=lambda c: c.data.metrics["best_val_robust_acc"])
+    assert float(best.data.tags["sampled.finetune.lr"]) > 10 ** -2.1  # the warning is about where the best ran
+
+    tree = copy.deepcopy(NARROW_LR)
+    tree["parameters"]["finetune.lr"]["max"] = 0.1
+    tree["num_samples"] = 2
+    wider = write_yaml(tmp_path / "wider.yaml", tree)
+    assert main(["--space", str(wider), "--name", "n1", "--tracking-uri", uri, "--resume"]) == 2
+    refused = capsys.readouterr().out
+    assert "widens finetune.lr of sweep n1" in refused
+    command = next(line.strip() for line in refused.splitlines() if "--seed-from n1" in line)
+    assert main(command.split("python ", 1)[1].split()[1:]) == 0
+    seeded = client.search_runs([parent.info.experiment_id], filter_string="params.seeded_from = 'n1'")
+    assert len(seeded) == 1 and seeded[0].data.params["seeded_trials"] == "6"
+    import optuna
+
+    name = seeded[0].data.tags["sweep"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/ray_results/{name}/optuna.db")
+    assert len(study.trials) == 8 and sum("seeded_from" in t.user_attrs for t in study.trials) == 6
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len(_children(client, name)[1]) == 2  # the seeded trials stay in their own sweep
+
+    tree["base"]["finetune"]["epochs"] = 3
+    tree["scheduler"]["max_t"] = 3
+    changed = write_yaml(tmp_path / "changed.yaml", tree)
+    assert main(["--space", str(changed), "--seed-from", "n1", "--tracking-uri", uri]) == 2
+    assert "key 'base.finetune.epochs'" in capsys.readouterr().out

@@ -11,13 +11,16 @@ truncated value, so TPE learns from numbers of unfinished trials (its ``on_trial
 - a trial that ran every epoch ends COMPLETE with its value.
 
 The study lives in the storage it is given (``optuna.storages.RDBStorage`` on SQLite for a sweep), so a
-resumed sweep's sampler keeps its history.
+resumed sweep's sampler keeps its history, and :func:`seed_study` can start a new sweep's study with an old
+sweep's finished trials (a widened space, :mod:`roli_sweep.widening`).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -68,3 +71,32 @@ class TruthfulOptunaSearch(OptunaSearch):
                 state = TrialState.COMPLETE
         self._ot_study.tell(ot_trial, values, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+
+def seed_study(storage: optuna.storages.BaseStorage, study_name: str, source: optuna.storages.BaseStorage,
+               source_name: str, distributions: dict[str, BaseDistribution], directions: list[str]) -> int:
+    """Start the study ``study_name`` with the finished trials of ``source_name``, under ``distributions``.
+
+    COMPLETE trials keep their values and PRUNED ones their intermediate values (what TPE reads of them);
+    FAIL and unfinished trials are left out. The distributions are the new, possibly widened ones
+    (:mod:`roli_sweep.widening` checked that every old value lies in them), so TPE models the old points in
+    the new space. :class:`TruthfulOptunaSearch` then loads the study (``load_if_exists``).
+
+    Returns:
+        The number of trials copied.
+
+    Raises:
+        ValueError: ``study_name`` already has trials (seeding twice would count them twice).
+    """
+    old = optuna.load_study(study_name=source_name, storage=source)
+    new = optuna.create_study(study_name=study_name, storage=storage, directions=directions, load_if_exists=True)
+    if new.trials:
+        raise ValueError(f"study {study_name!r} already has {len(new.trials)} trials; seed a new sweep")
+    kept = [t for t in old.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if set(t.params) == set(distributions)]
+    for trial in kept:
+        new.add_trial(optuna.trial.create_trial(
+            state=trial.state, values=trial.values if trial.state == TrialState.COMPLETE else None,
+            params=trial.params, distributions=distributions, intermediate_values=trial.intermediate_values,
+            user_attrs={"seeded_from": f"{source_name}#{trial.number}"}))
+    return len(kept)
