@@ -3,7 +3,8 @@ is the space itself the limit?
 
 Three runs on one Ray runtime, all scored by best val robust accuracy under the space's one evaluation threat
 model (the sweep's metric), with the probe cache:
-1. the space's sweep as ``run_sweep.py`` runs it (Optuna TPE + ASHA), without its final evaluation;
+1. the space's sweep as ``run_sweep.py`` runs it (Optuna TPE + ASHA), its final evaluation included (its wall
+   time is the README main command's, less starting the CLI); the compute compared is its trials';
 2. a grid over the same space: ``--points`` values per numeric range (ends included, log-spaced for log
    ranges) and every categorical value, each a whole trial;
 3. the grid one step outside each numeric bound (the grid's own step), every other parameter as in 2.
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
-    space = load_search_space(args.space).model_copy(update={"final_top_k": 0})
+    space = load_search_space(args.space)
     inside, outside = space_grid(space, args.points), outside_grids(space, args.points)
     n_val = len(load_splits(space.base.data, space.base.seed).val)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -104,6 +105,11 @@ def main() -> None:
         print(f"best one step outside − best inside: {(beyond_best.val_robust_acc - inner) * 100:+.1f} points "
               "(target ≤ 2.0)")
     print(f"sweep edge warnings: {[w.message for w in sweep.edges] or 'none'}")
+    if top is not None and top.final and "metrics" in top.final:
+        final = top.final["metrics"]
+        print(f"sweep's final evaluation of its best trial: clean {final['final_clean_acc']:.3f}, PGD "
+              f"{final['final_pgd_acc']:.3f}, AutoAttack {final.get('final_autoattack_acc', float('nan')):.3f}; "
+              f"{sweep.compute['compute_final_eval_s']:.0f} core-s")
     print(f"benchmark wall time: {total_wall:.0f} s")
 
 

@@ -90,16 +90,19 @@ def _script() -> str:
 
 def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
     """``--resume`` continues a sweep on the space it started with; ``--seed-from`` may widen it
-    (:mod:`roli_sweep.widening`).
+    (:mod:`roli_sweep.widening`). ``num_samples``, ``max_concurrent`` and ``resources`` may differ: a resumed
+    sweep keeps those Ray Tune stored, a seeded one runs with the new ones.
 
     Raises:
         ConfigError: the space changes more than bounds and values, or ``--resume`` was given a widened space
             (Ray Tune restores the search space it stored); the message gives the ``--seed-from`` command.
         FileNotFoundError: no sweep folder with its space under ``--storage-path``.
     """
-    from roli_sweep.widening import load_sweep_space, widened_parameters
+    from roli_sweep.widening import SPACE_FILE, load_sweep_space, widened_parameters
 
     old_name = args.name if args.resume else args.seed_from
+    if args.resume and not (args.storage_path / old_name / SPACE_FILE).exists():
+        return  # started before sweeps kept their space: Ray Tune restores what it stored
     widened = widened_parameters(load_sweep_space(args.storage_path / old_name), space)
     if args.resume and widened:
         raise ConfigError(
@@ -116,8 +119,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name: value {args.name!r} not allowed: letters, digits, '_', '.', '-' only")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name: the sweep to continue")
-    if args.resume and args.seed_from:
-        raise ConfigError("--seed-from starts a new sweep; it does not go with --resume")
+    if args.seed_from and (args.resume or args.name == args.seed_from):
+        raise ConfigError("--seed-from starts a new sweep: it does not go with --resume, and --name must differ "
+                          f"from {args.seed_from!r}")
     space = load_search_space(args.space)
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
     space = space.model_copy(update=overrides)

@@ -43,7 +43,7 @@ def load_sweep_space(sweep_dir: Path) -> SearchSpace:
     path = sweep_dir / SPACE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {sweep_dir} is not the folder of a roli_sweep sweep "
-                                "(give --storage-path and the sweep's --name)")
+                                "(check --storage-path and the sweep's name)")
     return load_search_space(path)
 
 
