@@ -38,6 +38,17 @@ from roli_sweep.sweep import run_sweep  # noqa: E402
 from roli_sweep.tune.runtime import logs_to_file, start_local_runtime, stop_local_runtime  # noqa: E402
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _line(label: str, point: GridPoint | None, core_seconds: float, wall: float) -> str:
     if point is None:
         return f"{label:<22} no completed trial; {core_seconds:.0f} core-s, {wall:.0f} s wall"
@@ -56,7 +67,7 @@ def main() -> None:
     space = load_search_space(args.space)
     inside, outside = space_grid(space, args.points), outside_grids(space, args.points)
     n_val = len(load_splits(space.base.data, space.base.seed).val)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"{_cpu_model()}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d')}; space {args.space}", flush=True)
     print(f"sweep: {space.num_samples} trials; grid: {size(inside)} whole trials {inside}; outside: "
           f"{sum(map(size, outside))} whole trials {outside}", flush=True)

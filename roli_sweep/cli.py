@@ -251,7 +251,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     from roli_sweep.study_report import write_report
 
     report = write_report(study, state)
-    recorder.finish(report.folder, report.summary)
+    recorder.finish(report.folder, report.summary,
+                    {f"search_space.edge.finetune.lr.{where}": w.message for where, w in report.edges.items()})
+    for warning in report.edges.values():
+        console.print(f"[bold yellow]lr grid edge:[/] {warning.message}", highlight=False, soft_wrap=True)
     console.print(f"report: {report.folder / 'RESULTS.md'} (also in MLflow, experiment {study.name!r}, "
                   f"parent run {recorder.parent_run_id})")
     return 0

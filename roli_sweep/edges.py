@@ -6,7 +6,8 @@ placed in the parameter's range, in log space for ``log_uniform_values``. When t
 them lie in the outer tenth at one end, the warning names the parameter, its range, their values, the bound to
 move and a new one: one decade further for a log range, one range width for a linear one. An ordered
 categorical (numbers only, e.g. ``r: [4, 8, 16]``) warns when all of them take its largest or smallest value.
-(scikit-learn issue 16398 asks the same of ``RidgeCV``'s regularisation grid.)
+(scikit-learn issue 16398 asks the same of ``RidgeCV``'s regularisation grid.) A grid search (the study's lr grid
+per cell) warns when its winner is the grid's largest or smallest value (:func:`grid_end_warning`).
 """
 from __future__ import annotations
 
@@ -87,3 +88,18 @@ def edge_warnings(parameters: dict[str, ParameterSpec],
                     f"{sum(map(at_edge, positions))} of {len(values)} in the outer tenth at its {bound}; move {bound} "
                     f"to {_fmt(new)}")))
     return warnings
+
+
+def grid_end_warning(parameter: str, grid: Sequence[float], best: float, where: str) -> EdgeWarning | None:
+    """The warning for a grid search whose winner is the grid's largest or smallest value (the study's lr grids),
+    None when it lies inside or the grid has fewer than 3 values. The suggested value is one more grid step:
+    the ratio of the two outermost values for a grid of positive values, their difference otherwise."""
+    ordered = sorted(grid)
+    if len(ordered) < 3 or ordered[0] < best < ordered[-1]:
+        return None
+    bound, end, next_in = ("max", ordered[-1], ordered[-2]) if best == ordered[-1] else ("min", ordered[0], ordered[1])
+    step = end / next_in if end > 0 and next_in > 0 else None
+    suggested = end * step if step else end + (end - next_in)
+    return EdgeWarning(parameter, bound, (
+        f"{where}: {parameter} {_fmt(float(best))} won, the {'largest' if bound == 'max' else 'smallest'} of its grid "
+        f"{[_fmt(float(v)) for v in ordered]}; add {_fmt(float(suggested))}"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roli_sweep.config import StudyConfig
+from roli_sweep.edges import EdgeWarning, grid_end_warning
 from roli_sweep.plots import plot_backbone_comparison, plot_clean_vs_robust, plot_paired_differences
 from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, chosen_groups, final_runs
 
@@ -65,6 +66,8 @@ class Report:
     folder: Path
     summary: dict[str, float]
     cells: list[Cell]
+    edges: dict[str, EdgeWarning]
+    """Per cell and head init (``<backbone>-<target>-<method>-<head_init>``): its chosen lr is an end of the grid."""
 
 
 METRICS = ("test_clean_acc", "test_robust_acc")
@@ -208,6 +211,19 @@ def final_table(study: StudyConfig, state: StudyState) -> tuple[list[str], dict[
     return lines, {"final_evaluations": done, "final_masking_warnings": warned}
 
 
+def lr_grid_edges(study: StudyConfig, cells: list[Cell]) -> dict[str, EdgeWarning]:
+    """The cells whose chosen lr (each init's own) is the largest or smallest of the method's lr grid: the grid,
+    not the method, may be what limits that number (:func:`roli_sweep.edges.grid_end_warning`)."""
+    edges = {}
+    for c in cells:
+        for init, lr in c.choice.own.items():
+            where = f"{c.backbone}-{c.target}-{c.method}-{init}"
+            warning = grid_end_warning("finetune.lr", study.methods[c.method].lrs, lr, where)
+            if warning:
+                edges[where] = warning
+    return edges
+
+
 def write_report(study: StudyConfig, state: StudyState) -> Report:
     """Write ``RESULTS.md`` and three PNG plots into ``<state folder>/report`` from what has finished."""
     folder = state.folder / "report"
@@ -281,6 +297,9 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
             f"{o['test_clean_acc'].pct()} | {o['test_robust_acc'].pct()} | "
             f"{c.diff_held_out['test_clean_acc'].pct(True)} | {c.diff_held_out['test_robust_acc'].pct(True)} | "
             f"{min(r['test_robust_acc'].n, o['test_robust_acc'].n)} |")
+    edges = lr_grid_edges(study, cells)
+    lines += ["", "## lr grid edges", "",
+              *([f"- {w.message}" for w in edges.values()] or ["Every chosen lr lies inside its method's grid."])]
     final_lines, final_summary = final_table(study, state)
     text, summary = findings(study, cells, probes)
     summary.update(final_summary)
@@ -293,4 +312,4 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
         plot_paired_differences(cells, folder / "roli_minus_ranli.png")
         plot_backbone_comparison(cells, folder / "robust_vs_standard.png")
     summary.update({"runs_completed": completed, "runs_failed": failed, "run_hours": run_seconds / 3600})
-    return Report(folder, summary, cells)
+    return Report(folder, summary, cells, edges)

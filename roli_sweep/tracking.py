@@ -228,10 +228,11 @@ class StudyRecorder:
             final_eval_record(found[0].info.run_id, self.client,
                               record if record["status"] == "completed" else {"error": record["error"]})
 
-    def finish(self, report_dir: Path | None, summary: dict[str, float]) -> None:
-        """Log the report folder (markdown table, PNG plots) and summary metrics to the parent run."""
+    def finish(self, report_dir: Path | None, summary: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        """Log the report folder (markdown table, PNG plots), summary metrics and ``tags`` to the parent run."""
         if report_dir is not None:
             self.client.log_artifacts(self.parent_run_id, str(report_dir), "report")
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+                              tags=[RunTag(k, v[:5000]) for k, v in (tags or {}).items()])
         self.client.set_terminated(self.parent_run_id, "FINISHED")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from roli_sweep.config import ParameterSpec
-from roli_sweep.edges import edge_warnings
+from roli_sweep.edges import edge_warnings, grid_end_warning
 
 LR = {"finetune.lr": ParameterSpec(distribution="log_uniform_values", min=1e-4, max=1e-2)}
 
@@ -37,3 +37,14 @@ def test_the_lower_bound_and_linear_and_ordered_categorical_ranges():
 
 def test_too_few_completed_trials_say_nothing():
     assert edge_warnings(LR, _scored([9.9e-3, 9.8e-3], [0.5, 0.4])) == []
+
+
+def test_a_grid_search_won_at_an_end_of_its_grid_warns_with_one_more_step():
+    lrs = [1e-3, 3e-3, 1e-2]
+    high = grid_end_warning("finetune.lr", lrs, 1e-2, "a-digits-lora-roli")
+    assert high.bound == "max" and "a-digits-lora-roli: finetune.lr 0.01 won, the largest of its grid" in high.message
+    assert high.message.endswith("add 0.0333")
+    assert grid_end_warning("finetune.lr", lrs, 1e-3, "x").bound == "min"
+    assert grid_end_warning("finetune.lr", lrs, 3e-3, "x") is None
+    assert grid_end_warning("finetune.lr", [1e-3, 1e-2], 1e-2, "x") is None  # two values: always an end
+

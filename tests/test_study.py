@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from roli_sweep.cli import main
 from roli_sweep.config import ConfigError, StudyConfig
 from roli_sweep.study import StudyState, choose_lrs, parse_filters
-from roli_sweep.study_report import collect_cells
+from roli_sweep.study_report import collect_cells, lr_grid_edges
 from tests.conftest import write_yaml
 
 
@@ -84,6 +84,11 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch, ray_runtime, stud
     assert len(evaluated) == len(finals)
     artifacts = [a.path for a in client.list_artifacts(parent[0].info.run_id, "report")]
     assert "report/RESULTS.md" in artifacts and "report/roli_minus_ranli.png" in artifacts
+    # the cells whose lr won at an end of its grid: in the report and as the parent's tags
+    edges = lr_grid_edges(study, cells)
+    assert "## lr grid edges" in report and all(w.message in report for w in edges.values())
+    assert {k: v for k, v in parent[0].data.tags.items() if k.startswith("search_space.edge.")} == {
+        f"search_space.edge.finetune.lr.{where}": w.message for where, w in edges.items()}
 
 
 def test_study_bad_input_exits_2_and_starts_nothing(tmp_path, monkeypatch, study_dict):
@@ -95,3 +100,14 @@ def test_study_bad_input_exits_2_and_starts_nothing(tmp_path, monkeypatch, study
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "study_results").exists()
     with pytest.raises(ConfigError, match="key=value"):
         parse_filters(["backbone"])
+
+
+def test_the_study_report_names_the_cells_whose_lr_won_at_a_grid_end(study_dict):
+    from types import SimpleNamespace
+
+    study_dict["methods"]["lora"]["lrs"] = [1e-3, 3e-3, 1e-2]
+    study = StudyConfig.model_validate(study_dict)
+    cells = [SimpleNamespace(backbone="a", target="digits", method="lora",
+                             choice=SimpleNamespace(own={"roli": 1e-2, "random": 3e-3}))]
+    edges = lr_grid_edges(study, cells)
+    assert list(edges) == ["a-digits-lora-roli"] and edges["a-digits-lora-roli"].bound == "max"
