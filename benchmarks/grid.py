@@ -16,7 +16,6 @@ A key not given keeps the space's ``base`` value; ``--points N`` instead spans e
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys

@@ -1,18 +1,20 @@
 """Command line: ``sweep`` (the default), ``train``, ``export`` and ``pretrain``.
 
-Bad input (a malformed search space or config, an unknown sweep) prints one message naming the
-key, the value and what is allowed, exits with status 2 and starts nothing: configs are validated
-before Ray or MLflow are imported.
+Bad input (a malformed search space or config, an unknown sweep, a name that is not one path component,
+a store, folder or cluster that cannot be used) prints one message per problem naming the key, the value
+and what is allowed, exits with status 2 and starts nothing: everything is checked before Ray is imported
+and before an MLflow store is opened (:mod:`roli_sweep.preflight`). Every command printed for the user is
+quoted with :func:`shlex.join`, so it runs as printed.
 """
 from __future__ import annotations
 
 import argparse
-import re
+import shlex
 import sys
 from pathlib import Path
 
-
 from roli_sweep.config import (
+    SEED_MAX,
     ConfigError,
     SearchSpace,
     load_pretrain_config,
@@ -20,8 +22,16 @@ from roli_sweep.config import (
     load_study_config,
     load_trial_config,
 )
-from roli_sweep.preflight import check_inputs
-from roli_sweep.console import default_console, print_sweep_end
+from roli_sweep.console import default_console, marked, print_error, print_sweep_end
+from roli_sweep.names import check_name, default_sweep_name
+from roli_sweep.preflight import (
+    check_address,
+    check_inputs,
+    check_local_resources,
+    check_storage_path,
+    check_sweep_exists,
+    check_tracking_uri,
+)
 
 COMMANDS = ("sweep", "train", "export", "pretrain", "study")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -47,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage-path", type=Path, default=Path("ray_results"), help="Ray Tune storage folder")
     sweep.add_argument("--no-probe-cache", action="store_true",
                        help="every trial computes its own stage-1 probe (default: one per distinct probe setting)")
+    sweep.add_argument("--check", action="store_true",
+                       help="check the space and every input as a sweep would, print what would run, start nothing")
 
     train = sub.add_parser("train", help="run one trial config without Ray and log it to MLflow")
     train.add_argument("--config", type=Path, required=True, help="trial config YAML (e.g. an exported one)")
@@ -62,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--top-k", type=int, default=3)
     export.add_argument("--out", type=Path, default=Path("exported"))
     export.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
+    export.add_argument("--force", action="store_true", help="overwrite export files that already exist")
 
     pretrain = sub.add_parser("pretrain", help="make a source backbone with a model card")
     pretrain.add_argument("--config", type=Path, required=True, help="pretraining config YAML")
@@ -78,14 +91,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"{flag}: value {value} not allowed: must be a positive integer")
+MAX_COUNT = 1_000_000
+"""The largest trial count, concurrency, CPU count, top-k or seed count a flag takes."""
+
+
+def _count(value: int | None, flag: str, maximum: int = MAX_COUNT) -> None:
+    if value is not None and not 1 <= value <= maximum:
+        raise ConfigError(f"{flag}: value {value} not allowed: an integer from 1 to {maximum:,}")
+
+
+def _name(value: str | None, flag: str) -> None:
+    if value is not None:
+        try:
+            check_name(value, flag)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _script() -> str:
     """How the user called the entry point (``run_sweep.py`` as typed), for the commands printed."""
     return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
+
+
+def command(*words: object) -> str:
+    """A command line for the user to run, every word quoted for a POSIX shell (:func:`shlex.join`)."""
+    return shlex.join(["python", _script(), *map(str, words)])
 
 
 def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
@@ -96,7 +126,6 @@ def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
     Raises:
         ConfigError: the space changes more than bounds and values, or ``--resume`` was given a widened space
             (Ray Tune restores the search space it stored); the message gives the ``--seed-from`` command.
-        FileNotFoundError: no sweep folder with its space under ``--storage-path``.
     """
     from roli_sweep.widening import SPACE_FILE, load_sweep_space, widened_parameters
 
@@ -108,20 +137,36 @@ def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
         raise ConfigError(
             f"--resume: {args.space} widens {', '.join(widened)} of sweep {old_name}, and Ray Tune restores a sweep "
             "with the search space it stored. Search the widened space in a new sweep that starts from the "
-            f"finished trials:\n  python {_script()} --space {args.space} --seed-from {old_name} "
-            f"--tracking-uri {args.tracking_uri} --storage-path {args.storage_path}")
+            "finished trials:\n  " + command("--space", args.space, "--seed-from", old_name, "--tracking-uri",
+                                              args.tracking_uri, "--storage-path", args.storage_path))
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    _positive(args.num_samples, "--num-samples")
-    _positive(args.max_concurrent, "--max-concurrent")
-    if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
-        raise ConfigError(f"--name: value {args.name!r} not allowed: letters, digits, '_', '.', '-' only")
+def check_sweep(args: argparse.Namespace) -> tuple[SearchSpace, str]:
+    """Everything a sweep checks before it imports Ray: flags, names, the space, the dataset and weights files,
+    the tracking URI, the storage folder, the sweep to resume or seed from, the cluster to join, the resources.
+
+    Returns:
+        The validated space (flags applied) and the sweep's name.
+
+    Raises:
+        ConfigError: naming each key or flag, the value and what is allowed.
+    """
+    _count(args.num_samples, "--num-samples")
+    _count(args.max_concurrent, "--max-concurrent")
+    _count(args.num_cpus, "--num-cpus", 65_536)
+    _name(args.name, "--name")
+    _name(args.seed_from, "--seed-from")
     if args.resume and not args.name:
         raise ConfigError("--resume needs --name: the sweep to continue")
     if args.seed_from and (args.resume or args.name == args.seed_from):
         raise ConfigError("--seed-from starts a new sweep: it does not go with --resume, and --name must differ "
                           f"from {args.seed_from!r}")
+    check_storage_path(args.storage_path)
+    check_tracking_uri(args.tracking_uri)
+    if args.resume or args.seed_from:
+        check_sweep_exists(args.storage_path, args.name if args.resume else args.seed_from,
+                           "--resume --name" if args.resume else "--seed-from",
+                           "tuner.pkl" if args.resume else "search_space.yaml")
     space = load_search_space(args.space)
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
     space = space.model_copy(update=overrides)
@@ -130,41 +175,58 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_inputs(inputs)
     if args.resume or args.seed_from:
         _check_continuation(args, space)
+    if args.address:
+        check_address(args.address)
+    else:
+        check_local_resources(space.resources, args.num_cpus)
+    return space, args.name or default_sweep_name(space.name)
 
-    from roli_sweep.sweep import INTERRUPTED_EXIT, default_sweep_name, run_sweep  # imports Ray: after validation
 
-    name = args.name or default_sweep_name(space)
-    console.print(f"[bold]sweep[/] {name}: {space.num_samples} trials of {space.base.finetune.method}, "
-                  f"sampling {', '.join(space.parameters) or 'nothing'}")
+def cmd_sweep(args: argparse.Namespace) -> int:
+    space, name = check_sweep(args)
+    summary = (f"{space.num_samples} trials of {space.base.finetune.method}, "
+               f"sampling {', '.join(space.parameters) or 'nothing'}")
+    if args.check:
+        console.print(marked("[bold]checked[/] sweep {}: {}; every input is valid, nothing was started", name,
+                             summary), soft_wrap=True)
+        return 0
+    from roli_sweep.sweep import INTERRUPTED_EXIT, run_sweep  # imports Ray: after validation
+
+    console.print(marked("[bold]sweep[/] {}: {}", name, summary))
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
                         num_cpus=args.num_cpus, resume=args.resume, probe_cache=not args.no_probe_cache,
                         seed_from=args.seed_from)
-    resume = (f"python {_script()} --space {args.space} --name {name} --resume --tracking-uri {args.tracking_uri} "
-              f"--storage-path {args.storage_path}" + (f" --address {args.address}" if args.address else ""))
+    resume = command("--space", args.space, "--name", name, "--resume", "--tracking-uri", args.tracking_uri,
+                     "--storage-path", args.storage_path, *(("--address", args.address) if args.address else ()))
     print_sweep_end(console, outcome, space)
-    console.print(f"MLflow: experiment [bold]{outcome.experiment}[/], parent run [bold]{name}[/] "
-                  f"({outcome.parent_run_id}); browse with\n  mlflow ui --backend-store-uri {outcome.tracking_uri}\n"
-                  f"and open http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}/runs?workflowType="
-                  "machine_learning (MLflow 3.17's UI starts on its GenAI view otherwise)", highlight=False, soft_wrap=True)
-    console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / name}", highlight=False)
+    console.print(marked("MLflow: experiment [bold]{}[/], parent run [bold]{}[/] ({}); browse with\n  {}\n"
+                         "and open http://127.0.0.1:5000/#/experiments/{}/runs?workflowType=machine_learning "
+                         "(MLflow 3.17's UI starts on its GenAI view otherwise)", outcome.experiment, name,
+                         outcome.parent_run_id, shlex.join(["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri]),
+                         outcome.experiment_id), soft_wrap=True)
+    console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / name}")
     if outcome.interrupted:
-        console.print(f"[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {resume}",
-                      highlight=False, soft_wrap=True)
+        console.print(marked("[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {}", resume),
+                      soft_wrap=True)
         return INTERRUPTED_EXIT
     if outcome.rows and all(row.status == "failed" for row in outcome.rows):
         reasons = sorted({row.error or "unknown error" for row in outcome.rows})
-        console.print(f"[bold red]every trial failed[/] ({len(outcome.rows)}); the reasons:", highlight=False)
+        console.print(marked("[bold red]every trial failed[/] ({}); the reasons:", len(outcome.rows)))
         for reason in reasons:
-            console.print(f"  {reason}", highlight=False, soft_wrap=True)
+            console.print(f"  {reason}", soft_wrap=True)
         return 1
-    console.print(f"export the best: python {_script()} export --name {name} --top-k 3 --out exported "
-                  f"--tracking-uri {outcome.tracking_uri}", soft_wrap=True, highlight=False)
+    console.print("export the best: " + command("export", "--name", name, "--top-k", 3, "--out", "exported",
+                                                "--tracking-uri", outcome.tracking_uri), soft_wrap=True)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _positive(args.seeds, "--seeds")
+    _count(args.seeds, "--seeds")
+    _name(args.experiment, "--experiment")
+    check_tracking_uri(args.tracking_uri)
     cfg = load_trial_config(args.config)
+    if cfg.seed + args.seeds - 1 > SEED_MAX:
+        raise ConfigError(f"--seeds: seeds {cfg.seed} .. {cfg.seed + args.seeds - 1} go past the largest seed, {SEED_MAX}")
     check_inputs([cfg])
     from roli_sweep.single_run import train_logged, train_seeds
 
@@ -178,11 +240,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _positive(args.top_k, "--top-k")
+    _count(args.top_k, "--top-k")
+    _name(args.name, "--name")
+    check_tracking_uri(args.tracking_uri)  # and export_best refuses a local store that does not exist
     from roli_sweep.export import ExportError, export_best
 
     try:
-        paths = export_best(args.tracking_uri, args.name, args.top_k, args.out)
+        paths = export_best(args.tracking_uri, args.name, args.top_k, args.out, force=args.force)
     except ExportError as err:
         raise ConfigError(str(err)) from None
     for path in paths:
@@ -192,6 +256,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_pretrain_config(args.config)
+    check_storage_path(Path(cfg.out).parent, "out")
+    check_inputs([cfg])
     from roli_sweep.pretrain import pretrain
 
     card = pretrain(cfg, on_epoch=lambda m: console.print({k: round(v, 4) for k, v in m.items()}))
@@ -201,11 +267,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    _positive(args.num_cpus, "--num-cpus")
+    _count(args.num_cpus, "--num-cpus", 65_536)
+    check_tracking_uri(args.tracking_uri)
+    check_storage_path(args.out, "--out")
     study = load_study_config(args.config)
     method = next(iter(study.methods))
     check_inputs([study.run_config(b, t, method, study.head_inits[0], study.methods[method].lrs[0], study.seeds[0])
                   for b in study.backbones for t in study.targets])
+    if args.address:
+        check_address(args.address)
+    else:
+        check_local_resources(study.resources, args.num_cpus)
     from roli_sweep.study import RunKey, StudyState, parse_filters, run_study
     from roli_sweep.tracking import StudyRecorder
 
@@ -221,27 +293,26 @@ def cmd_study(args: argparse.Namespace) -> int:
             m = record.get("metrics", {})
             line = (f"val robust {m['val_robust_acc']:.3f}, test clean {m['test_clean_acc']:.3f} "
                     f"robust {m['test_robust_acc']:.3f}, {record['seconds']:.0f} s"
-                    if record["status"] == "completed" else "[red]failed[/]")
-            console.print(f"{key.id}: {line}", highlight=False)
+                    if record["status"] == "completed" else "failed")
+            console.print(f"{key.id}: {line}", style=None if record["status"] == "completed" else "red")
 
         def on_probe(key, record: dict) -> None:
             m = record.get("metrics", {})
             line = (f"probe test clean {m['probe_test_clean_acc']:.3f} robust {m['probe_test_robust_acc']:.3f}"
-                    if record["status"] == "completed" else f"[red]probe failed[/]\n{record['error']}")
-            console.print(f"probe {key.id}: {line}", highlight=False)
+                    if record["status"] == "completed" else f"probe failed\n{record['error']}")
+            console.print(f"probe {key.id}: {line}", style=None if record["status"] == "completed" else "red")
 
         def on_final(key: RunKey, record: dict) -> None:
             recorder.log_final(key.id, record)
             if record["status"] != "completed":
-                console.print(f"[red]final evaluation of {key.id} failed[/]\n{record['error']}", highlight=False)
+                console.print(f"final evaluation of {key.id} failed\n{record['error']}", style="red")
                 return
             m = record["metrics"]
             console.print(f"final {key.id}: clean {m['final_clean_acc']:.3f}, PGD {m['final_pgd_acc']:.3f}, "
-                          f"AutoAttack {m.get('final_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s",
-                          highlight=False)
+                          f"AutoAttack {m.get('final_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s")
             for name, status, detail in record["checks"]:
                 if status != "pass":
-                    console.print(f"[bold red]  masking check {name}: warning[/] ({detail})", highlight=False)
+                    console.print(marked("[bold red]  masking check {}: warning[/] ({})", name, detail))
 
         progress = run_study(study, state, filters, on_run, on_probe, on_final, num_cpus=args.num_cpus,
                              address=args.address, final=not args.no_final)
@@ -254,7 +325,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     recorder.finish(report.folder, report.summary,
                     {f"search_space.edge.finetune.lr.{where}": w.message for where, w in report.edges.items()})
     for warning in report.edges.values():
-        console.print(f"[bold yellow]lr grid edge:[/] {warning.message}", highlight=False, soft_wrap=True)
+        console.print(marked("[bold yellow]lr grid edge:[/] {}", warning.message), soft_wrap=True)
     console.print(f"report: {report.folder / 'RESULTS.md'} (also in MLflow, experiment {study.name!r}, "
                   f"parent run {recorder.parent_run_id})")
     return 0
@@ -271,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        print_error(console, str(err))
         return 2
     except KeyboardInterrupt:  # Ctrl+C outside a sweep's trials (which handles its own)
-        console.print("[bold yellow]interrupted[/]")
+        console.print("interrupted", style="bold yellow")
         return 130

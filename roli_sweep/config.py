@@ -18,16 +18,20 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from roli_sweep.messages import shown
+from roli_sweep.names import name_problem
+from roli_sweep.yaml_input import YamlInputError, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -47,13 +51,38 @@ def _parse_fraction(value: Any) -> Any:
     return value
 
 
+def _allowed_name(name: str) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+Name = Annotated[str, AfterValidator(_allowed_name)]
+"""A sweep, study or experiment name: one path component and one shell word (:mod:`roli_sweep.names`)."""
+
+
 PixelFraction = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0.0, le=1.0)]
 """An L-inf radius or step in [0, 1] pixel units; accepts ``"8/255"``."""
 
 
+INT_MAX = 2**31 - 1
+"""The largest count a config takes: the int32 range that torch's kernels, PIL and the attacks index with."""
+
+PositiveInt = Annotated[int, Field(ge=1, le=INT_MAX)]
+"""A count: epochs, steps, sizes, queries, trials (1 .. :data:`INT_MAX`)."""
+
+MAX_SIDE = 4096
+"""The largest image side in pixels (``image_size``, ``input_size``); the paper's models run at 224."""
+
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+
+
 class _Strict(BaseModel):
     # strict: YAML's yes/no/true never pass as numbers, "5" never passes as an int
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, strict=True)
+    # and no NaN or infinity passes as a learning rate, weight decay or resource quantity
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -71,7 +100,7 @@ class DataConfig(_Strict):
     train_size: PositiveInt | None = Field(None, description="cap on training images (stratified subsample)")
     val_size: PositiveInt | None = Field(None, description="cap on validation images (stratified subsample)")
     test_size: PositiveInt | None = Field(None, description="cap on test images (stratified subsample, fixed seed 0)")
-    image_size: PositiveInt | None = Field(None, description="resize images to this square side in pixels; None keeps the native size "
+    image_size: Side | None = Field(None, description="resize images to this square side in pixels; None keeps the native size "
                                            "(image-list datasets need it: their images differ in size)")
 
     @field_validator("name")
@@ -80,7 +109,7 @@ class DataConfig(_Strict):
         from roli_sweep.data import DATASETS
 
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
+            raise ValueError(f"unknown dataset {shown(name)}; allowed: {sorted(DATASETS)}")
         return name
 
     @field_validator("root", "split_dir")
@@ -115,7 +144,7 @@ class BackboneConfig(_Strict):
     name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs (img_size, patch_size, in_chans, embed_dim, depth, num_heads, ...)")
     weights: str | None = Field(None, description="path to a .safetensors / .pth file, or 'shipped:<name>' for a backbone shipped with roli_sweep; None = random init")
-    input_size: PositiveInt | None = Field(None, description="resize inputs to this square side inside the model "
+    input_size: Side | None = Field(None, description="resize inputs to this square side inside the model "
                                            "(attacks stay at the data's resolution); None = no resize")
     mean: list[float] = Field(default_factory=lambda: [0.5], description="per-channel normalisation mean, applied inside the model")
     std: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.5], description="per-channel normalisation std, applied inside the model")
@@ -126,7 +155,7 @@ class BackboneConfig(_Strict):
         from roli_sweep.models.backbone import timm_model_exists
 
         if not timm_model_exists(name):
-            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+            raise ValueError(f"unknown timm model {shown(name)}; see timm.list_models()")
         return name
 
     @field_validator("weights")
@@ -145,7 +174,7 @@ class AttackConfig(_Strict):
     """The training attack: PGD under L-inf (Madry et al., 2018). The paper trains with PGD-7, 2/255 at eps 8/255."""
 
     eps: PixelFraction = Field(8 / 255, description="L-inf radius in [0, 1] pixel units")
-    steps: int = Field(7, ge=0, description="PGD steps; 0 trains on clean images")
+    steps: int = Field(7, ge=0, le=INT_MAX, description="PGD steps; 0 trains on clean images")
     step_size: PixelFraction | None = Field(None, description="step in [0, 1] pixel units; None = 2.5 * eps / steps (Madry et al., 2018)")
     random_start: bool = Field(True, description="start from a uniform point in the eps ball")
 
@@ -287,7 +316,7 @@ class FinetuneConfig(StageConfig):
         from roli_sweep.models.methods import METHODS
 
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; allowed: {sorted(METHODS)}")
+            raise ValueError(f"unknown method {shown(self.method)}; allowed: {sorted(METHODS)}")
         try:
             params = METHODS[self.method].Params.model_validate(self.method_params)
         except ValidationError as err:
@@ -298,10 +327,15 @@ class FinetuneConfig(StageConfig):
         return self
 
 
+SEED_MAX = 2**31 - 1
+"""Largest seed: numpy and scikit-learn take seeds in [0, 2**32 - 1], and a trial derives a few more from its
+own (``seed + 1`` for stage 2, ``seed + 3 + batch`` in the final evaluation)."""
+
+
 class TrialConfig(_Strict):
     """One complete probe-then-finetune job. Recorded verbatim with every run."""
 
-    seed: int = Field(0, description="seeds the train/val split, weight init, data order and attacks")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds the train/val split, weight init, data order and attacks")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 elsewhere")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -326,7 +360,7 @@ class TrainConfig(StageConfig):
 class PretrainConfig(_Strict):
     """How a source backbone is made: standard or PGD adversarial training on a source task."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     out: str = Field(description="output path without suffix: writes <out>.safetensors and <out>.json (the model card)")
@@ -401,11 +435,28 @@ class MetricSpec(_Strict):
                                   "the sweep reports the Pareto front; ASHA still prunes on val_robust_acc")
 
 
-class Resources(_Strict):
-    """Resources per trial, as Ray Tune counts them; fractional GPUs are allowed."""
+RESOURCE_UNIT = 1e-4
+"""Ray counts resources in units of 1/10,000 (``ray._raylet.RESOURCE_UNIT_SCALING``); a finer fraction is refused
+by Ray when the trial's actor is created ("The precision of the fractional quantity ... cannot go beyond 0.0001",
+``ray/_common/ray_option_utils.py``)."""
 
-    cpu: float = Field(1.0, gt=0.0)
-    gpu: float = Field(0.0, ge=0.0)
+MAX_RESOURCE = 1e6
+"""More CPUs or GPUs per trial than any cluster has (Ray's own cap is 1e14, ``MAX_RESOURCE_QUANTITY``)."""
+
+
+class Resources(_Strict):
+    """Resources per trial, as Ray Tune counts them; fractional GPUs are allowed, in steps of 0.0001."""
+
+    cpu: float = Field(1.0, gt=0.0, le=MAX_RESOURCE)
+    gpu: float = Field(0.0, ge=0.0, le=MAX_RESOURCE)
+
+    @field_validator("cpu", "gpu")
+    @classmethod
+    def _ray_precision(cls, quantity: float) -> float:
+        units = quantity / RESOURCE_UNIT
+        if abs(units - round(units)) > 1e-6 * max(1.0, units):
+            raise ValueError(f"Ray counts resources in steps of {RESOURCE_UNIT:g}; {quantity!r} is not a multiple of it")
+        return quantity
 
 
 class SchedulerConfig(_Strict):
@@ -419,14 +470,15 @@ class SchedulerConfig(_Strict):
 class SearchSpace(_Strict):
     """A study: a base trial config, the parameters to sample, the metric, the budget and the scheduler."""
 
-    name: str = Field(description="study name; the MLflow experiment")
+    name: Name = Field(description="study name; the MLflow experiment and the default sweep name's start "
+                      "(roli_sweep.names: letters, digits, '_', '.', '-')")
     metric: MetricSpec = Field(default_factory=MetricSpec)
     num_samples: PositiveInt = 8
     max_concurrent: PositiveInt = 2
-    seed: int = Field(0, description="seeds the Optuna TPE sampler")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds the Optuna TPE sampler")
     resources: Resources = Field(default_factory=Resources)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    final_top_k: int = Field(1, ge=0, description="after the sweep, the best k completed trials by val robust "
+    final_top_k: int = Field(1, ge=0, le=INT_MAX, description="after the sweep, the best k completed trials by val robust "
                              "accuracy get the final evaluation (base.eval.final) and masking checks; 0 = none")
     base: TrialConfig
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
@@ -475,7 +527,7 @@ class StudyConfig(_Strict):
     at that lr and at the lr matched between RoLI and RanLI (best mean val robust over both).
     """
 
-    name: str = Field(description="study name: the MLflow experiment and the state folder's name")
+    name: Name = Field(description="study name: the MLflow experiment and the state folder's name")
     base: TrialConfig = Field(description="what every run shares: threat model, probe, epochs, eval sizes")
     backbones: dict[str, str] = Field(min_length=1, description="label -> weights (a file or shipped:<name>)")
     targets: dict[str, DataConfig] = Field(min_length=1, description="label -> target dataset")
@@ -492,7 +544,7 @@ class StudyConfig(_Strict):
 
         for label in mapping:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", label):
-                raise ValueError(f"label {label!r} not allowed: letters, digits, '_' and '.' only")
+                raise ValueError(f"label {shown(label)} not allowed: letters, digits, '_' and '.' only")
         return mapping
 
     @model_validator(mode="after")
@@ -528,10 +580,10 @@ def apply_overrides(base: TrialConfig, overrides: dict[str, Any]) -> TrialConfig
         *parents, leaf = path.split(".")
         for i, key in enumerate(parents):
             if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
-                raise ConfigError(f"key {path!r}: {'.'.join(parents[: i + 1])!r} is not a section of the trial config")
+                raise ConfigError(f"key {shown(path)}: {shown('.'.join(parents[: i + 1]))} is not a section of the trial config")
             node = node[key]
         if leaf not in node:
-            raise ConfigError(f"key {path!r}: no such setting; allowed here: {sorted(node)}")
+            raise ConfigError(f"key {shown(path)}: no such setting; allowed here: {sorted(node)}")
         node[leaf] = value
     try:
         return TrialConfig.model_validate(tree)
@@ -558,15 +610,15 @@ def _describe(err: ValidationError, prefix: str = "", values: dict[str, Any] | N
         key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"key {key!r}: unknown key (value {e['input']!r})")
+            lines.append(f"key {shown(key)}: unknown key (value {shown(e['input'])})")
         elif e["type"] == "missing":
-            lines.append(f"key {key!r}: required but missing")
+            lines.append(f"key {shown(key)}: required but missing")
         elif e["type"] in ("value_error", "assertion_error") and isinstance(e["input"], dict):
-            lines.append(f"key {key or '<top level>'!r}: {msg}")
+            lines.append(f"key {shown(key or '<top level>')}: {msg}")
         else:
-            lines.append(f"key {key!r}: value {e['input']!r} not allowed: {msg}")
+            lines.append(f"key {shown(key)}: value {shown(e['input'])} not allowed: {msg}")
     if values:
-        lines.append(f"(while applying {values})")
+        lines.append(f"(while applying {shown(values)})")
     return "\n".join(lines)
 
 
@@ -575,16 +627,10 @@ def _describe(err: ValidationError, prefix: str = "", values: dict[str, Any] | N
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"file {str(path)!r}: the top level must be a mapping, got {type(tree).__name__}")
-    return tree
+        return read_yaml_mapping(Path(path))
+    except YamlInputError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _load(model: type[BaseModel], path: str | Path) -> Any:
@@ -660,7 +706,7 @@ def parse_search_space(tree: dict[str, Any], source: str) -> SearchSpace:
             try:
                 cfg = space.trial_config({dotted: value})
             except ConfigError as err:
-                problems.append(f"parameters.{dotted}: value {value!r}: {err}".split("\n(while")[0])
+                problems.append(f"parameters.{dotted}: value {shown(value)}: {err}".split("\n(while")[0])
                 continue
             threat = evaluation_attack(cfg.attack, cfg.eval).model_dump_json()
             threat_models.add((threat, cfg.eval.val_steps, cfg.eval.test_steps))

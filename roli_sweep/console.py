@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from roli_sweep.messages import bounded
 from roli_sweep.records import eps_fraction, threat_summary
 
 
@@ -122,8 +125,23 @@ class FinalProgress:
 
 
 def default_console() -> Console:
-    """The console of the command line: full width on a terminal, 160 columns in a log file."""
-    return Console(width=None if sys.stdout.isatty() else 160)
+    """The console of the command line: full width on a terminal, 160 columns in a log file.
+
+    Rich markup is off: a key, value, path or error message holding ``[/]`` or ``[bold]`` is printed as typed,
+    never read as a style (nor crashes the printer). The tool's own styles go through :func:`marked`.
+    """
+    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+
+
+def marked(template: str, *values: object) -> Text:
+    """``template``'s own rich markup, with each ``{}`` filled by a value printed as plain text (escaped, so never
+    read as markup)."""
+    return Text.from_markup(template.format(*(escape(str(v)) for v in values)))
+
+
+def print_error(console: Console, message: str) -> None:
+    """``error: <message>`` in red, every line bounded (:func:`roli_sweep.messages.bounded`), markup-free."""
+    console.print(Text.assemble(("error:", "red"), " ", bounded(message)), soft_wrap=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -165,32 +183,32 @@ def print_sweep_end(console: Console, outcome, space) -> None:
     best = outcome.best()
     if best is not None:
         console.print(f"best trial {best.trial_id}: val robust {best.val_robust_acc:.3f} at "
-                      + ", ".join(f"{k.split('.')[-1]} {short(best.sampled.get(k))}" for k in space.parameters),
-                      highlight=False)
+                      + ", ".join(f"{k.split('.')[-1]} {short(best.sampled.get(k))}" for k in space.parameters))
     for warning in outcome.edges:
-        console.print(f"[bold yellow]search-space edge:[/] {warning.message}", highlight=False, soft_wrap=True)
+        console.print(marked("[bold yellow]search-space edge:[/] {}", warning.message), soft_wrap=True)
     finals = [r for r in ranked if r.final]
     if finals:
         params = next((r.final["params"] for r in finals if "params" in r.final), {})
-        console.print(f"final evaluation of the best trials on test: {threat_summary(params)}", highlight=False)
+        console.print(f"final evaluation of the best trials on test: {threat_summary(params)}")
         final_table = Table()
         for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
             final_table.add_column(column, justify="right")
         for row in finals:
             if "error" in row.final:
-                final_table.add_row(row.trial_id, "[red]failed[/]", "", "", row.final["error"])
+                final_table.add_row(row.trial_id, Text("failed", style="red"), "", "", row.final["error"])
                 continue
             m, checks = row.final["metrics"], row.final["checks"]
             warned = [check for check, status, _ in checks if status != "pass"]
             final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
                                 _fmt(m.get("final_autoattack_acc")),
-                                "[green]pass[/]" if not warned else f"[bold red]warning: {', '.join(warned)}[/]")
+                                Text("pass", style="green") if not warned
+                                else Text(f"warning: {', '.join(warned)}", style="bold red"))
         console.print(final_table)
         for row in finals:
             for check, status, detail in row.final.get("checks", []):
                 if status != "pass":
-                    console.print(f"[bold red]trial {row.trial_id} masking check {check}: warning[/] ({detail})",
-                                  highlight=False)
+                    console.print(marked("[bold red]trial {} masking check {}: warning[/] ({})", row.trial_id, check,
+                                         detail))
     if outcome.importance:
         importance = Table(title="hyperparameter importance for best val robust accuracy (Optuna fANOVA, completed "
                                  "trials; importance.png and val_robust_vs_lr.png in the parent run)")
@@ -203,8 +221,7 @@ def print_sweep_end(console: Console, outcome, space) -> None:
         c = outcome.compute
         console.print(f"compute: trials {c['compute_trials_s']:.0f} core-s, final evaluation "
                       f"{c['compute_final_eval_s']:.0f} core-s, saved by cached probes {c['compute_probe_saved_s']:.0f} "
-                      f"core-s; idle {100 * c['idle_fraction']:.0f} % of the CPUs over {clock(c['wall_s'])}",
-                      highlight=False)
+                      f"core-s; idle {100 * c['idle_fraction']:.0f} % of the CPUs over {clock(c['wall_s'])}")
     for row in outcome.rows:
         if row.error:
-            console.print(f"[red]trial {row.trial_id} failed:[/] {row.error}", highlight=False)
+            console.print(marked("[red]trial {} failed:[/] {}", row.trial_id, row.error))

@@ -44,6 +44,7 @@ from torch.utils.data import TensorDataset
 
 from roli_sweep._torchvision_compat import import_torchvision
 from roli_sweep.config import DataConfig
+from roli_sweep.messages import shown
 
 
 @dataclass
@@ -267,8 +268,8 @@ def _read_split_file(path: Path) -> dict[str, int]:
     """
     try:
         entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"split file {str(path)!r} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"split file {str(path)!r} is not valid JSON: {str(err)[:200]}") from None
     if not (isinstance(entries, dict) and entries and all(type(label) is int for label in entries.values())):
         raise ValueError(f"split file {str(path)!r}: expected a non-empty JSON object {{image path: integer label}}")
     return entries
@@ -367,13 +368,22 @@ def check_files(cfg: DataConfig) -> None:
     Raises:
         FileNotFoundError / ValueError: as the dataset's loader would, naming the key and the path.
     """
+    num_classes = FIXED_CLASS_COUNTS.get(cfg.name)
     if cfg.name == "fashion_mnist":
         _fashion_mnist_root(cfg)
     elif cfg.name in ("cifar10", "cifar100"):
         datasets = import_torchvision().datasets
         _cifar_root(cfg, datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100)
     elif cfg.name in IMAGE_LIST_DATASETS:
-        _image_list_splits(cfg)
+        num_classes = len(_image_list_splits(cfg)[1])
+    if cfg.classes is not None and num_classes is not None:
+        missing = [c for c in cfg.classes if c >= num_classes]
+        if missing:
+            raise ValueError(f"data.classes: {shown(missing)} not in {cfg.name} (classes 0..{num_classes - 1})")
+
+
+FIXED_CLASS_COUNTS = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+"""Classes of the datasets whose class count does not depend on their files (image lists: their split files')."""
 
 
 def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.ndarray:

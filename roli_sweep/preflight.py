@@ -1,21 +1,37 @@
-"""Checks of a job's input files before anything starts (no Ray runtime, no MLflow run, no trial).
+"""Checks of a job's inputs before anything starts (no Ray import, no Ray runtime, no MLflow store, no trial).
 
-Every dataset a job reads must have its files under its root (or cache), and every weights file must
-be readable and valid: a problem found later would fail every trial the same way, after minutes of
-scheduling.
+Every dataset a job reads must have its files under its root (or cache) and hold the classes asked for,
+every weights file must be readable and valid, the MLflow tracking URI must name a store MLflow has,
+the storage folder must be a folder this user can write, a sweep to resume or to seed from must exist,
+a Ray cluster to join must answer, and a trial's resources must fit a local runtime. A problem found later
+would fail every trial the same way, after minutes of scheduling, or leave files behind.
 """
 from __future__ import annotations
 
-from roli_sweep.config import ConfigError, TrialConfig
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from roli_sweep.config import ConfigError, Resources, TrialConfig
+from roli_sweep.messages import shown
+
+ADDRESS_TIMEOUT_S = 5.0
+"""How long a Ray cluster's address gets to accept a TCP connection."""
+
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+"""Where ``ray start`` records the address that ``--address auto`` joins (``ray._private.services``,
+``find_bootstrap_address``; Ray's default temp folder)."""
 
 
 def check_inputs(configs: list[TrialConfig]) -> None:
-    """Check the dataset files and the weights file of each distinct data / backbone setting in ``configs``.
+    """Check the dataset files, the class subset and the weights file of each distinct data / backbone
+    setting in ``configs``.
 
     Raises:
-        ConfigError: naming the key (``data.root``, ``data.split_dir``, ``backbone.weights``), the path and
-            what was found there: missing, truncated, not a safetensors file, not a torch checkpoint, or a
-            pickle with objects other than tensors.
+        ConfigError: naming the key (``data.root``, ``data.split_dir``, ``data.classes``, ``backbone.weights``),
+            the path and what was found there: missing, a folder or a device, empty, truncated, not a
+            safetensors file, not a torch checkpoint, or a pickle with objects other than tensors.
     """
     from roli_sweep.data import check_files
     from roli_sweep.models.backbone import check_weights_file, resolve_weights
@@ -24,12 +40,137 @@ def check_inputs(configs: list[TrialConfig]) -> None:
     for data in {c.data.model_dump_json(): c.data for c in configs}.values():
         try:
             check_files(data)
-        except (FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError) as err:
             problems.append(str(err))
     for weights in sorted({c.backbone.weights for c in configs if c.backbone.weights}):
         try:
             check_weights_file(resolve_weights(weights))
         except ValueError as err:
-            problems.append(str(err))
+            problems.append(str(err) if str(err).startswith("backbone.weights") else f"backbone.weights: {err}")
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+def check_tracking_uri(uri: str, key: str = "--tracking-uri") -> None:
+    """The MLflow tracking URI names a store MLflow has (its own scheme registry, plugins included), and for
+    SQLite, a database file in a folder that exists and this user can write.
+
+    Raises:
+        ConfigError: naming ``key``, the URI and the schemes MLflow supports, or the folder that is missing.
+    """
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # the schemes MLflow resolves
+    from sqlalchemy.engine import make_url
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:
+        schemes = sorted(s for s in _tracking_store_registry._registry if s)
+        raise ConfigError(f"{key}: value {shown(uri)} is not an MLflow tracking URI; its scheme must be one of "
+                          f"{schemes} (e.g. sqlite:///mlflow.db, http://127.0.0.1:5000)") from None
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise ConfigError(f"{key}: value {shown(uri)} is MLflow's file store, which MLflow 3 keeps in maintenance "
+                          "mode and refuses unless MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db")
+    if scheme.split("+")[0] != "sqlite":
+        return
+    try:
+        database = make_url(uri).database  # as SQLAlchemy, which MLflow's store uses, reads it
+    except Exception:
+        database = None
+    if not database or database == ":memory:":
+        raise ConfigError(f"{key}: value {shown(uri)}: a SQLite store needs a file, sqlite:///PATH")
+    path = Path(database)
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: value {shown(uri)}: the folder {str(folder)!r} of the SQLite file "
+                          f"{'does not exist' if not folder.exists() else 'is not a folder this user can write'}")
+    if path.exists() and (not path.is_file() or not os.access(path, os.R_OK | os.W_OK)):
+        raise ConfigError(f"{key}: value {shown(uri)}: {str(path)!r} is not a file this user can read and write")
+
+
+def check_storage_path(path: Path, key: str = "--storage-path") -> None:
+    """``path`` is a folder this user can write, or can be made in one (nothing is created here).
+
+    Raises:
+        ConfigError: naming ``key``, the path and what is there instead.
+    """
+    probe = path.expanduser().absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"{key}: {str(path)!r}: {str(probe)!r} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} must be a folder, but {str(probe)!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {str(path)!r}: the folder {str(probe)!r} is not writable by this user")
+
+
+def check_sweep_exists(storage_path: Path, name: str, key: str, marker: str) -> None:
+    """``<storage_path>/<name>`` is a sweep folder holding ``marker`` (Ray Tune's ``tuner.pkl`` for
+    ``--resume``, the sweep's kept space for ``--seed-from``).
+
+    Raises:
+        ConfigError: naming ``key``, the sweep and the folder looked in.
+    """
+    folder = storage_path / name
+    if not (folder / marker).is_file():
+        found = "no such folder" if not folder.exists() else f"no {marker} in it"
+        raise ConfigError(f"{key}: no sweep {name!r} under --storage-path {str(storage_path)!r} ({found}); "
+                          "give the --storage-path the sweep ran with")
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """The Ray cluster at ``address`` (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``) accepts a TCP connection
+    within ``timeout`` seconds. ``auto`` is resolved as Ray does: ``RAY_ADDRESS``, else the address ``ray start``
+    recorded in :data:`RAY_CURRENT_CLUSTER`.
+
+    Raises:
+        ConfigError: naming ``--address``, what was tried and what happened.
+    """
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS") or ""
+        if not target:
+            try:
+                target = RAY_CURRENT_CLUSTER.read_text().strip()
+            except OSError:
+                raise ConfigError(f"--address auto: no running Ray cluster found (RAY_ADDRESS is unset and "
+                                  f"{RAY_CURRENT_CLUSTER} does not exist); start one with 'ray start --head' or give "
+                                  "HOST:PORT") from None
+    if address == "local":
+        raise ConfigError("--address: 'local' starts a local runtime; leave --address out for that")
+    parsed = urlparse(target if "://" in target else f"tcp://{target}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or not port or parsed.scheme not in ("tcp", "ray"):
+        raise ConfigError(f"--address: value {shown(address)} not allowed: HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        tried = f"{host}:{port}" + (f" (from {address})" if address != target else "")
+        raise ConfigError(f"--address: no Ray cluster answers at {tried} within {timeout:g} s: "
+                          f"{err.strerror or type(err).__name__}") from None
+
+
+def check_local_resources(resources: Resources, num_cpus: int | None) -> None:
+    """A trial's resources fit the local runtime a sweep starts (``num_cpus`` or all CPUs; the GPUs torch sees):
+    Ray Tune would otherwise keep every trial pending for ever.
+
+    Raises:
+        ConfigError: naming ``resources.cpu`` / ``resources.gpu``, what a trial asks and what the runtime has.
+    """
+    import torch
+
+    cpus = num_cpus or os.cpu_count() or 1
+    gpus = torch.cuda.device_count()
+    problems = []
+    if resources.cpu > cpus:
+        problems.append(f"resources.cpu: a trial asks for {resources.cpu:g} CPUs, the local runtime has {cpus} "
+                        f"({'--num-cpus' if num_cpus else 'this machine'})")
+    if resources.gpu > gpus:
+        problems.append(f"resources.gpu: a trial asks for {resources.gpu:g} GPUs, torch sees {gpus} here")
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -13,8 +13,10 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from roli_sweep.config import TrialConfig, apply_overrides
+from roli_sweep.console import default_console
 from roli_sweep.final_eval import evaluate_and_check
 from roli_sweep.records import Check
 from roli_sweep.tracking import describe_trial_run, experiment_id, final_eval_record, log_epoch_metrics
@@ -43,8 +45,8 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
     run_id = run.info.run_id
     describe_trial_run(client, run_id, cfg)
     total = cfg.probe.epochs + cfg.finetune.epochs
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[last]}"))
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[last]}", markup=False))
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("probe", total=total, last="")
 
@@ -62,7 +64,7 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
             client.set_tag(run_id, "status", "failed")
             client.set_terminated(run_id, "FAILED")
             raise
-    console = console or Console()
+    console = console or default_console()
     metrics = dict(result.metrics)
     if final_eval:
         final = evaluate_and_check(result.model, result.test_set, cfg, result.num_classes,
@@ -81,7 +83,7 @@ def print_checks(console: Console, checks: list[Check]) -> None:
     """One line per gradient-masking check; warnings in red."""
     for c in checks:
         style = "green" if c.status == "pass" else "bold red"
-        console.print(f"[{style}]masking check {c.name}: {c.status}[/] ({c.detail})", highlight=False)
+        console.print(Text.assemble((f"masking check {c.name}: {c.status}", style), f" ({c.detail})"))
 
 
 def _stat(values: list[float]) -> str:
@@ -106,7 +108,7 @@ def train_seeds(cfg: TrialConfig, config_path: Path, seeds: int, paired: bool, t
     for seed in range(cfg.seed, cfg.seed + seeds):
         for init in inits:
             run_cfg = apply_overrides(cfg, {"seed": seed, "finetune.head_init": init})
-            console.print(f"[bold]seed {seed}, head_init {init}[/]")
+            console.print(f"seed {seed}, head_init {init}", style="bold")
             results[init][seed] = train_logged(run_cfg, config_path, tracking_uri, experiment, console, final_eval)
     keys = [k for k in ("val_robust_acc", "test_clean_acc", "test_robust_acc", "final_pgd_acc", "final_autoattack_acc")
             if all(k in m for runs in results.values() for m in runs.values())]

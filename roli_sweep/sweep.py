@@ -23,7 +23,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +56,7 @@ from roli_sweep.tracking import (  # noqa: E402
     trial_status,
 )
 from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, failure_reason  # noqa: E402
+from roli_sweep.tune.auth_token import make_token_private  # noqa: E402
 from roli_sweep.tune.runtime import logs_to_file, start_local_runtime, stop_local_runtime  # noqa: E402
 from roli_sweep.tune.searcher import TruthfulOptunaSearch, seed_study  # noqa: E402
 from roli_sweep.tune.final_pool import FinalJob, run_final_jobs  # noqa: E402
@@ -139,11 +139,6 @@ class SweepOutcome:
             o.val_clean_acc >= r.val_clean_acc and o.val_robust_acc >= r.val_robust_acc
             and (o.val_clean_acc, o.val_robust_acc) != (r.val_clean_acc, r.val_robust_acc) for o in done)]
         return sorted(front, key=lambda r: r.val_clean_acc)
-
-
-def default_sweep_name(space: SearchSpace) -> str:
-    """``<space name>-<YYYYmmdd-HHMMSS>``."""
-    return f"{space.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
@@ -254,6 +249,7 @@ def run_sweep(
         started = not ray.is_initialized()
         if started and address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            make_token_private(None)
         elif started:  # recorded, so that a killed driver's runtime is ended at the next start
             start_local_runtime(storage_path, num_cpus)
         try:

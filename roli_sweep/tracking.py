@@ -30,6 +30,31 @@ RAY_BOOKKEEPING = {"training_iteration", "time_this_iter_s", "timestamp", "pid",
                    "iterations_since_restore", "epoch"}
 
 
+def filter_value(value: str) -> str:
+    r"""``value`` quoted for MLflow's search filter syntax (``tags.sweep = <here>``), ready to put in a
+    ``filter_string``.
+
+    MLflow 3.17 (``mlflow/utils/search_utils.py``) tokenizes a filter with sqlparse and takes a tag or
+    param value as its string token with the two end characters cut off: ``SearchUtils._strip_quotes``
+    accepts a value quoted in ``'`` (``STRING_VALUE_TYPES``, ``Literal.String.Single``) or ``"`` (a
+    sqlparse ``Identifier``) and returns ``_trim_ends(value)``, i.e. ``value[1:-1]``. There is no escape:
+    ``'a''b'`` and ``'a\'b'`` parse but match the tag values ``a''b`` and ``a\'b``, never ``a'b``. So
+    the value is quoted with a quote it does not contain, ``'`` when it can, else ``"``. sqlparse's
+    string patterns (``sqlparse.keywords.SQL_REGEX``: ``'(''|\\'|[^'])*'`` and ``"(""|\\"|[^"])*"``)
+    read a backslash before the quote as part of the string, so a value ending in a backslash would
+    swallow its closing quote.
+
+    Raises:
+        ValueError: ``value`` holds both ``'`` and ``"``, or ends in a backslash: no filter can match it.
+    """
+    if value.endswith("\\"):
+        raise ValueError(f"{value!r} ends in a backslash, which MLflow's search filter cannot quote")
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r} holds both quote characters, which MLflow's search filter cannot quote")
+
+
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """MLflow 3's UI opens an experiment with this tag on its training runs, not on the GenAI traces overview."""
 
@@ -93,7 +118,8 @@ def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path,
     """
     exp = experiment_id(client, space.name)
     if resume:
-        found = client.search_runs([exp], filter_string=f"tags.sweep = '{sweep}' and tags.{ROLE_TAG} = 'parent'")
+        found = client.search_runs([exp], filter_string=(
+            f"tags.sweep = {filter_value(sweep)} and tags.{ROLE_TAG} = {filter_value('parent')}"))
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             client.set_tag(found[0].info.run_id, "status", "running")
@@ -137,7 +163,8 @@ def mark_interrupted(client: MlflowClient, parent_run_id: str) -> set[str]:
     """
     run = client.get_run(parent_run_id)
     children = client.search_runs([run.info.experiment_id], filter_string=(
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.status = 'running'"), max_results=10000)
+        f"tags.mlflow.parentRunId = {filter_value(parent_run_id)} and tags.status = {filter_value('running')}"),
+        max_results=10000)
     for child in children:
         client.set_tag(child.info.run_id, "status", "interrupted")
         client.set_terminated(child.info.run_id, "KILLED")
@@ -165,7 +192,8 @@ def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, par
     exp = experiment_id(client, experiment)
     lines = ["| trial | clean | PGD | AutoAttack | masking |", "|---|---|---|---|---|"]
     for rank, (trial_id, final) in enumerate(finals):
-        found = client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and tags.sweep = '{sweep}'")
+        found = client.search_runs([exp], filter_string=(
+            f"tags.trial_id = {filter_value(trial_id)} and tags.sweep = {filter_value(sweep)}"))
         if found:
             final_eval_record(found[0].info.run_id, client, final)
         if "error" in final:
@@ -192,7 +220,8 @@ class StudyRecorder:
         self.client = MlflowClient(tracking_uri)
         self.provenance = provenance_tags()
         self.experiment = experiment_id(self.client, study)
-        found = self.client.search_runs([self.experiment], filter_string=f"tags.{ROLE_TAG} = 'study_parent'")
+        found = self.client.search_runs([self.experiment], filter_string=(
+            f"tags.{ROLE_TAG} = {filter_value('study_parent')}"))
         if found:
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -201,8 +230,8 @@ class StudyRecorder:
                 "study": study, ROLE_TAG: "study_parent", "config_file": str(config_path), **self.provenance})
             self.parent_run_id = run.info.run_id
             self.client.log_text(self.parent_run_id, config_text, "study_config.yaml")
-        children = self.client.search_runs([self.experiment], filter_string=f"tags.{ROLE_TAG} = 'study_run'",
-                                           max_results=50000)
+        children = self.client.search_runs(
+            [self.experiment], filter_string=f"tags.{ROLE_TAG} = {filter_value('study_run')}", max_results=50000)
         self.logged = {r.data.tags.get("run_key") for r in children}
 
     def log_run(self, run_key: str, labels: dict[str, str], cfg: TrialConfig, record: dict[str, Any]) -> None:
@@ -223,7 +252,7 @@ class StudyRecorder:
 
     def log_final(self, run_key: str, record: dict[str, Any]) -> None:
         """Add a final evaluation (and its masking tags) to the child run of ``run_key``."""
-        found = self.client.search_runs([self.experiment], filter_string=f"tags.run_key = '{run_key}'")
+        found = self.client.search_runs([self.experiment], filter_string=f"tags.run_key = {filter_value(run_key)}")
         if found:
             final_eval_record(found[0].info.run_id, self.client,
                               record if record["status"] == "completed" else {"error": record["error"]})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from roli_sweep.cli import main
+from roli_sweep.tune.auth_token import auth_token_path
 from tests.conftest import write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +168,7 @@ def _finetune_epochs_logged(db: Path) -> int:
 
 def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space_dict):
     space = _space_for_interrupt(space_dict, tmp_path)
-    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray results"  # a space: the printed command quotes it
     command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "cc",
                "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -192,9 +195,11 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
             assert "interrupted" in table[child.data.tags["trial_id"]], "shown as interrupted, not pruned"
     epochs_before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
     assert not _wait_gone(sweep.pid), "no Ray process of the interrupted sweep remains"
+    token = auth_token_path()  # the token file this runtime used: private after the sweep
+    assert token is None or stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
 
     # the printed command, as the user would run it
-    resumed = subprocess.run(resume.split(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    resumed = subprocess.run(shlex.split(resume), cwd=tmp_path, capture_output=True, text=True, timeout=600,
                              start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (parent_after,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
@@ -220,9 +225,13 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
     assert any(0 < n < EPOCHS for run_id, n in epochs_before.items() if run_id in interrupted)
 
 
-def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict):
-    """SIGKILL leaves Ray's agents behind; the next start ends them by their recorded pids and start times,
-    then the resumed sweep finishes every trial."""
+def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict, monkeypatch):
+    """SIGKILL leaves Ray's agents behind; the next start ends them by their recorded pids, start times and
+    Ray session (the record in this user's state folder, never in the storage folder), then the resumed sweep
+    finishes every trial."""
+    from roli_sweep.tune.runtime import record_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the sweeps' records, and record_path's
     space = _space_for_interrupt(space_dict, tmp_path)
     db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
     command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "kk",
@@ -232,7 +241,8 @@ def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dic
     deadline = time.time() + 240
     while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
         time.sleep(0.2)
-    record = json.loads((storage / ".ray_runtime.json").read_text())
+    record = json.loads(record_path(storage).read_text())
+    assert not (storage / ".ray_runtime.json").exists()
     os.kill(sweep.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
     sweep.wait()
     time.sleep(3)
@@ -243,7 +253,7 @@ def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dic
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert not _wait_gone(sweep.pid, resumed.pid), "neither the stale runtime nor the resumed one remains"
-    assert not (storage / ".ray_runtime.json").exists()
+    assert not record_path(storage).exists()
     client = MlflowClient(f"sqlite:///{db}")
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string="tags.sweep_role = 'trial'")

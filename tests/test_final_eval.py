@@ -12,7 +12,6 @@ from roli_sweep.config import FinalEvalConfig, MaskingConfig
 from roli_sweep.final_eval import threat_model
 from roli_sweep.masking import run_checks
 from roli_sweep.records import masking_tags
-from roli_sweep.train import Runtime
 
 CHECKS = MaskingConfig(n_examples=64, pgd_steps=10, more_steps=40, square_queries=200)
 

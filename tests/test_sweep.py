@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     printed = capsys.readouterr().out
     # the export command the sweep prints, run as printed
     export = next(line for line in printed.splitlines() if line.startswith("export the best: python "))
-    args = export.split("python ", 1)[1].split()[1:]
+    args = shlex.split(export.removeprefix("export the best: "))[2:]
     assert args[:3] == ["export", "--name", "s1"] and main(args) == 0
     assert len(list((tmp_path / "exported").glob("s1-rank*.yaml"))) >= 1
 
@@ -67,7 +68,7 @@ def test_sweep_export_train_round_trip(tmp_path, monkeypatch, ray_runtime, space
     assert "result files and experiment state" in (tmp_path / "ray_results" / "s1" / "sweep.log").read_text()
     # the mlflow ui command the sweep prints serves the store (run as printed, on a free port)
     ui = next(line.strip() for line in printed.splitlines() if line.strip().startswith("mlflow ui "))
-    _serves(ui.split(), tmp_path)
+    _serves(shlex.split(ui), tmp_path)
 
     client = MlflowClient(uri)
     parent, children = _children(client, "s1")
@@ -264,7 +265,7 @@ def test_a_too_narrow_lr_range_warns_and_a_widened_space_starts_from_its_trials(
     refused = capsys.readouterr().out
     assert "widens finetune.lr of sweep n1" in refused
     command = next(line.strip() for line in refused.splitlines() if "--seed-from n1" in line)
-    assert main(command.split("python ", 1)[1].split()[1:]) == 0
+    assert main(shlex.split(command)[2:]) == 0
     seeded = client.search_runs([parent.info.experiment_id], filter_string="params.seeded_from = 'n1'")
     assert len(seeded) == 1 and seeded[0].data.params["seeded_trials"] == "6"
     import optuna

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
+import stat
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,33 @@ def resolve_weights(weights: str) -> Path:
             raise ValueError(f"no shipped backbone {name!r}; shipped: {shipped_backbones()}")
         return path
     path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
+    found = _not_a_weights_file(path)
+    if found:
+        raise ValueError(f"weights file {str(path)!r} {found}")
     if path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"weights file {str(path)!r}: expected .safetensors, .pth, .pt or .bin")
     return path
+
+
+def _not_a_weights_file(path: Path) -> str | None:
+    """What is at ``path`` when it is not a non-empty regular file (read without opening it), else None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        return f"is {kind}, not a file"
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "is not readable by this user"
+    return None
 
 
 def model_card(weights: str) -> dict[str, Any] | None:
@@ -121,8 +144,8 @@ def _load_pickle(path: Path) -> Any:
             f"{' (' + ', '.join(sorted(set(found))) + ')' if found else ''}, which are not loaded; save just the "
             "model's state dict (torch.save(model.state_dict(), ...)) or convert it to safetensors"
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"backbone.weights: {str(path)!r} is truncated or corrupt "
+    except Exception as err:  # EOFError, RuntimeError, BadZipFile, IndexError (a 3-byte pickle), ...: all unreadable
+        raise ValueError(f"backbone.weights: {str(path)!r} is truncated or corrupt, not a tensor pickle "
                          f"({path.stat().st_size} bytes; {type(err).__name__})") from None
 
 
@@ -136,8 +159,9 @@ def check_weights_file(path: Path) -> None:
         ValueError: naming ``backbone.weights``, the path and what was found: missing, truncated, not a
             safetensors file, not a torch checkpoint, or a pickle with objects other than tensors.
     """
-    if not path.is_file():
-        raise ValueError(f"backbone.weights: {str(path)!r} does not exist")
+    found = _not_a_weights_file(path)
+    if found:
+        raise ValueError(f"backbone.weights: {str(path)!r} {found}")
     if path.suffix != ".safetensors":
         _load_pickle(path)
         return
@@ -145,20 +169,36 @@ def check_weights_file(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length > SAFETENSORS_MAX_HEADER:
+            raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file: its header length field "
+                             f"reads {length:,} bytes, more than safetensors' own limit of {SAFETENSORS_MAX_HEADER:,}")
         if not 0 < length <= size - 8:
             raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file or is truncated "
                              f"({size} bytes; its header length field reads {length})")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file (its header is not JSON)") from None
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
-    if not ends:
-        raise ValueError(f"backbone.weights: {str(path)!r} is a safetensors file without tensors")
-    if 8 + length + max(ends) > size:
-        raise ValueError(f"backbone.weights: {str(path)!r} is truncated: its tensors need "
-                         f"{8 + length + max(ends)} bytes, the file has {size}")
+    if not isinstance(header, dict):
+        raise ValueError(f"backbone.weights: {str(path)!r} is not a safetensors file (its header is JSON "
+                         f"{type(header).__name__}, not an object)")
+    try:  # the library's own header check: tensor entries, dtypes, offsets against the file's size
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError(f"backbone.weights: {str(path)!r} is a safetensors file without tensors")
+    except ValueError:
+        raise
+    except Exception as err:  # SafetensorError, whatever the file's defect
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        if "not fully covered" in reason or "incomplete" in reason:
+            reason = f"truncated ({size} bytes): {reason}"
+        raise ValueError(f"backbone.weights: {str(path)!r} is not a valid safetensors file: {reason[:200]}") from None
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000
+"""safetensors refuses headers longer than this (``MAX_HEADER_SIZE``, safetensors' ``lib.rs``): nothing longer is read."""
 
 
 def unwrap_checkpoint(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from ray import tune
 
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
 from roli_sweep.console import ProgressLines
-from roli_sweep.tracking import ROLE_TAG, describe_trial_run, experiment_id, log_epoch_metrics, trial_status
+from roli_sweep.tracking import (ROLE_TAG, describe_trial_run, experiment_id, filter_value, log_epoch_metrics,
+                                  trial_status)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning)): (.*)$")
@@ -72,8 +73,8 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         exp = experiment_id(self.client, self.experiment)
-        found = self.client.search_runs(
-            [exp], filter_string=f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.sweep}'")
+        found = self.client.search_runs([exp], filter_string=(
+            f"tags.trial_id = {filter_value(trial.trial_id)} and tags.sweep = {filter_value(self.sweep)}"))
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")

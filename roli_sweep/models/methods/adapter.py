@@ -45,9 +45,9 @@ def _run_adapter(mlp: Mlp, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
 class AdapterParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    reduction_factor: int | None = Field(None, ge=1, description="hidden size = block width / reduction_factor "
+    reduction_factor: int | None = Field(None, ge=1, le=65_536, description="hidden size = block width / reduction_factor "
                                          "(8 when neither this nor hidden_size is given)")
-    hidden_size: int | None = Field(None, ge=1, description="fixed hidden size (instead of reduction_factor)")
+    hidden_size: int | None = Field(None, ge=1, le=65_536, description="fixed hidden size (instead of reduction_factor)")
 
     @model_validator(mode="after")
     def _one_size(self) -> AdapterParams:

@@ -14,7 +14,7 @@ from roli_sweep.models.backbone import NormalizedModel
 class NoParams(BaseModel):
     """For methods without parameters of their own."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TransferMethod(ABC):

@@ -17,7 +17,7 @@ from roli_sweep.models.methods.base import TransferMethod, register_method
 class LoraParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    r: int = Field(8, ge=1, description="rank of the update")
+    r: int = Field(8, ge=1, le=65_536, description="rank of the update")
     alpha: float = Field(8.0, gt=0.0, description="scaling numerator: the update is scaled by alpha / r")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the LoRA input (off in eval mode and in attacks)")
     target_modules: list[str] = Field(default_factory=lambda: ["qkv"], min_length=1,

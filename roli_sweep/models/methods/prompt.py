@@ -94,7 +94,7 @@ class PromptedWindowAttention(nn.Module):
 class PromptParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    length: int = Field(10, ge=1, description="prompt tokens per layer (paper: 10, 20 on CUB)")
+    length: int = Field(10, ge=1, le=65_536, description="prompt tokens per layer (paper: 10, 20 on CUB)")
     deep: bool = Field(True, description="true: new prompts before every block (VPT-deep); false: first block only")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the prompts, train mode only")
 

@@ -1,0 +1,45 @@
+"""The one rule for the names a user gives: sweep, study and experiment names, ``--seed-from``.
+
+A name becomes a folder (``<storage>/<sweep>/``, ``<out>/<study>/``), a file name (exported configs), an
+MLflow experiment or tag value inside a filter string, and a word of the commands the tool prints. So it
+must be one safe path component and one shell word as it stands: ASCII letters, digits, ``_``, ``.`` and
+``-``, starting with a letter or digit, at most :data:`MAX_LENGTH` characters. ``..`` and ``/`` can
+never appear as a component, and no quote can change an MLflow query.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+MAX_LENGTH = 100
+"""Longest name allowed: well inside a file name's 255 bytes once a sweep adds ``-rank3-<trial id>.yaml``."""
+
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_LENGTH - 1}}}")
+ALLOWED = f"1 to {MAX_LENGTH} ASCII letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def name_problem(value: object) -> str | None:
+    """Why ``value`` is not an allowed name, or None when it is."""
+    if not isinstance(value, str):
+        return f"a name is a string, got {type(value).__name__}"
+    if NAME_PATTERN.fullmatch(value) is None:
+        return f"not allowed: {ALLOWED}"
+    return None
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` when it is an allowed name.
+
+    Raises:
+        ValueError: naming ``key``, the value (bounded) and what is allowed.
+    """
+    problem = name_problem(value)
+    if problem:
+        shown = value[:60] + f"... ({len(value)} characters)" if isinstance(value, str) and len(value) > 60 else value
+        raise ValueError(f"{key}: value {shown!r} {problem}")
+    return value
+
+
+def default_sweep_name(space_name: str) -> str:
+    """``<space name>-<YYYYmmdd-HHMMSS>``, the space's name cut so that the whole stays an allowed name."""
+    return f"{space_name[:MAX_LENGTH - 16]}-{datetime.now():%Y%m%d-%H%M%S}"
