@@ -6,7 +6,7 @@ Trains the space's base trial (probe, then finetuning; the default space's base 
 lr 1e-3; ``--set dotted.key=value`` changes it) and evaluates its tested best epoch on the first ``n`` test images at the space's
 evaluation eps with:
 
-- the published standard version (roli_sweep.autoattack: APGD-CE 100, APGD-T 100 x 9 targets,
+- the published standard version (roli_sweep.evaluation.autoattack: APGD-CE 100, APGD-T 100 x 9 targets,
   FAB-T 100 x 9 targets, Square 5000 queries, only on clean-correct points);
 - torchattacks' ``AutoAttack(version='standard')`` (10 steps, K - 1 targets, Square with the
   rescaled schedule), scored the same way (robust = correct clean and after the attack).
@@ -22,9 +22,9 @@ import time
 import torch
 import yaml
 
-from roli_sweep.autoattack import ROBUST, autoattack_outcomes
+from roli_sweep.evaluation.autoattack import ROBUST, autoattack_outcomes
 from roli_sweep.config import apply_overrides, evaluation_attack, load_search_space
-from roli_sweep.trial import run_trial
+from roli_sweep.core.trial import run_trial
 
 
 def main() -> None:

@@ -6,13 +6,13 @@ Prints medians of interleaved runs (A, B, A, B, ...) on the same model (the spac
 applied) and the same batch:
 
 - P1 = minimal / ours for one adversarial training step: the trial's step (one batch through
-  :func:`roli_sweep.train.adversarial_epoch`: PGD-k keeping the worst iterate per example, training
+  :func:`roli_sweep.core.train.adversarial_epoch`: PGD-k keeping the worst iterate per example, training
   forward, backward, optimiser and scheduler step, finiteness checks) against a hand-written PGD-AT
   step (random start, k signed-gradient steps, the last iterate, forward, backward, step);
 - P2 = all-parameter / ours for one probe step: the probe's step (frozen backbone, head trained) against
   the same step with every backbone parameter requiring grad, so the training backward runs through the
   whole backbone;
-- P3 = torchattacks / ours for PGD-20 robust accuracy on the batch: :func:`roli_sweep.attacks.pgd_broken`
+- P3 = torchattacks / ours for PGD-20 robust accuracy on the batch: :func:`roli_sweep.core.attacks.pgd_broken`
   against ``torchattacks.PGD`` plus the forward that scores its output, with both robust accuracies.
 
 A ratio above 1 means the project's version is faster. Numbers only, never asserted: they depend on the
@@ -28,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from roli_sweep.attacks import pgd_broken
+from roli_sweep.core.attacks import pgd_broken
 from roli_sweep.config import evaluation_attack, load_search_space
 from roli_sweep.models.methods import apply_method, freeze_all_but_head
-from roli_sweep.train import Runtime, adversarial_epoch, make_optimizer, step_size, warmup_cosine
+from roli_sweep.core.train import Runtime, adversarial_epoch, make_optimizer, step_size, warmup_cosine
 
 
 def interleaved(first, second, repeats: int) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from roli_sweep.trial import prepare
+    from roli_sweep.core.trial import prepare
 
     cfg = load_search_space(args.space).base
     prep = prepare(cfg)

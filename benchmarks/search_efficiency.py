@@ -115,7 +115,8 @@ def main() -> None:
         inner = max(p.val_robust_acc for p in (grid_best, sweep_best) if p)
         print(f"best one step outside − best inside: {(beyond_best.val_robust_acc - inner) * 100:+.1f} points "
               "(target ≤ 2.0)")
-    print(f"sweep edge warnings: {[w.message for w in sweep.edges] or 'none'}")
+    edges = [message for found in sweep.findings for _, message in found.warnings]
+    print(f"sweep edge warnings: {edges or 'none'}")
     if top is not None and top.final and "metrics" in top.final:
         final = top.final["metrics"]
         print(f"sweep's final evaluation of its best trial: clean {final['final_clean_acc']:.3f}, PGD "

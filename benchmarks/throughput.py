@@ -14,11 +14,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from roli_sweep.attacks import pgd
+from roli_sweep.core.attacks import pgd
 from roli_sweep.config import load_search_space
 from roli_sweep.models.methods import apply_method, freeze_all_but_head, trainable_parameter_count
-from roli_sweep.train import step_size
-from roli_sweep.trial import prepare
+from roli_sweep.core.train import step_size
+from roli_sweep.core.trial import prepare
 
 
 def _rate(fn, batch: torch.Tensor, labels: torch.Tensor, batches: int) -> float:

@@ -19,7 +19,7 @@ __all__ = [
     "load_trial_config",
     "run_trial",
 ]
-_HOMES = {"TrialResult": "roli_sweep.trial", "run_trial": "roli_sweep.trial"}
+_HOMES = {"TrialResult": "roli_sweep.core.trial", "run_trial": "roli_sweep.core.trial"}
 
 
 def __getattr__(name: str) -> Any:

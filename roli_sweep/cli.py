@@ -9,27 +9,36 @@ quoted with :func:`shlex.join`, so it runs as printed.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from roli_sweep.config import (
     SEED_MAX,
     ConfigError,
-    SearchSpace,
     load_pretrain_config,
-    load_search_space,
     load_study_config,
     load_trial_config,
 )
-from roli_sweep.console import default_console, marked, print_error, print_sweep_end
-from roli_sweep.names import check_name, default_sweep_name
+from roli_sweep.console import (
+    StudyLines,
+    command,
+    default_console,
+    marked,
+    print_error,
+    print_study_progress,
+    print_study_report,
+    print_sweep_end,
+    print_sweep_next_steps,
+)
+from roli_sweep.live_view import TerminalWriter, interactive
 from roli_sweep.preflight import (
     check_address,
+    check_count,
+    check_flag_name,
     check_inputs,
     check_local_resources,
     check_storage_path,
-    check_sweep_exists,
+    check_sweep,
     check_tracking_uri,
 )
 
@@ -91,97 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_COUNT = 1_000_000
-"""The largest trial count, concurrency, CPU count, top-k or seed count a flag takes."""
-
-
-def _count(value: int | None, flag: str, maximum: int = MAX_COUNT) -> None:
-    if value is not None and not 1 <= value <= maximum:
-        raise ConfigError(f"{flag}: value {value} not allowed: an integer from 1 to {maximum:,}")
-
-
-def _name(value: str | None, flag: str) -> None:
-    if value is not None:
-        try:
-            check_name(value, flag)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
-def _script() -> str:
-    """How the user called the entry point (``run_sweep.py`` as typed), for the commands printed."""
-    return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
-
-
-def command(*words: object) -> str:
-    """A command line for the user to run, every word quoted for a POSIX shell (:func:`shlex.join`)."""
-    return shlex.join(["python", _script(), *map(str, words)])
-
-
-def _check_continuation(args: argparse.Namespace, space: SearchSpace) -> None:
-    """``--resume`` continues a sweep on the space it started with; ``--seed-from`` may widen it
-    (:mod:`roli_sweep.widening`). ``num_samples``, ``max_concurrent`` and ``resources`` may differ: a resumed
-    sweep keeps those Ray Tune stored, a seeded one runs with the new ones.
-
-    Raises:
-        ConfigError: the space changes more than bounds and values, or ``--resume`` was given a widened space
-            (Ray Tune restores the search space it stored); the message gives the ``--seed-from`` command.
-    """
-    from roli_sweep.widening import SPACE_FILE, load_sweep_space, widened_parameters
-
-    old_name = args.name if args.resume else args.seed_from
-    if args.resume and not (args.storage_path / old_name / SPACE_FILE).exists():
-        return  # started before sweeps kept their space: Ray Tune restores what it stored
-    widened = widened_parameters(load_sweep_space(args.storage_path / old_name), space)
-    if args.resume and widened:
-        raise ConfigError(
-            f"--resume: {args.space} widens {', '.join(widened)} of sweep {old_name}, and Ray Tune restores a sweep "
-            "with the search space it stored. Search the widened space in a new sweep that starts from the "
-            "finished trials:\n  " + command("--space", args.space, "--seed-from", old_name, "--tracking-uri",
-                                              args.tracking_uri, "--storage-path", args.storage_path))
-
-
-def check_sweep(args: argparse.Namespace) -> tuple[SearchSpace, str]:
-    """Everything a sweep checks before it imports Ray: flags, names, the space, the dataset and weights files,
-    the tracking URI, the storage folder, the sweep to resume or seed from, the cluster to join, the resources.
-
-    Returns:
-        The validated space (flags applied) and the sweep's name.
-
-    Raises:
-        ConfigError: naming each key or flag, the value and what is allowed.
-    """
-    _count(args.num_samples, "--num-samples")
-    _count(args.max_concurrent, "--max-concurrent")
-    _count(args.num_cpus, "--num-cpus", 65_536)
-    _name(args.name, "--name")
-    _name(args.seed_from, "--seed-from")
-    if args.resume and not args.name:
-        raise ConfigError("--resume needs --name: the sweep to continue")
-    if args.seed_from and (args.resume or args.name == args.seed_from):
-        raise ConfigError("--seed-from starts a new sweep: it does not go with --resume, and --name must differ "
-                          f"from {args.seed_from!r}")
-    check_storage_path(args.storage_path)
-    check_tracking_uri(args.tracking_uri)
-    if args.resume or args.seed_from:
-        check_sweep_exists(args.storage_path, args.name if args.resume else args.seed_from,
-                           "--resume --name" if args.resume else "--seed-from",
-                           "tuner.pkl" if args.resume else "search_space.yaml")
-    space = load_search_space(args.space)
-    overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
-    space = space.model_copy(update=overrides)
-    inputs = [space.base] + [space.trial_config({key: value}) for key, spec in space.parameters.items()
-                             if key.startswith(("data.", "backbone.")) for value in spec.candidates()]
-    check_inputs(inputs)
-    if args.resume or args.seed_from:
-        _check_continuation(args, space)
-    if args.address:
-        check_address(args.address)
-    else:
-        check_local_resources(space.resources, args.num_cpus)
-    return space, args.name or default_sweep_name(space.name)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     space, name = check_sweep(args)
     summary = (f"{space.num_samples} trials of {space.base.finetune.method}, "
@@ -190,7 +108,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         console.print(marked("[bold]checked[/] sweep {}: {}; every input is valid, nothing was started", name,
                              summary), soft_wrap=True)
         return 0
-    from roli_sweep.sweep import INTERRUPTED_EXIT, run_sweep  # imports Ray: after validation
+    from roli_sweep.sweep import run_sweep  # imports Ray: after validation
+    from roli_sweep.tune.interrupt import INTERRUPTED_EXIT
 
     console.print(marked("[bold]sweep[/] {}: {}", name, summary))
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
@@ -199,30 +118,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     resume = command("--space", args.space, "--name", name, "--resume", "--tracking-uri", args.tracking_uri,
                      "--storage-path", args.storage_path, *(("--address", args.address) if args.address else ()))
     print_sweep_end(console, outcome, space)
-    console.print(marked("MLflow: experiment [bold]{}[/], parent run [bold]{}[/] ({}); browse with\n  {}\n"
-                         "and open http://127.0.0.1:5000/#/experiments/{}/runs?workflowType=machine_learning "
-                         "(MLflow 3.17's UI starts on its GenAI view otherwise)", outcome.experiment, name,
-                         outcome.parent_run_id, shlex.join(["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri]),
-                         outcome.experiment_id), soft_wrap=True)
-    console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / name}")
-    if outcome.interrupted:
-        console.print(marked("[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {}", resume),
-                      soft_wrap=True)
-        return INTERRUPTED_EXIT
-    if outcome.rows and all(row.status == "failed" for row in outcome.rows):
-        reasons = sorted({row.error or "unknown error" for row in outcome.rows})
-        console.print(marked("[bold red]every trial failed[/] ({}); the reasons:", len(outcome.rows)))
-        for reason in reasons:
-            console.print(f"  {reason}", soft_wrap=True)
-        return 1
-    console.print("export the best: " + command("export", "--name", name, "--top-k", 3, "--out", "exported",
-                                                "--tracking-uri", outcome.tracking_uri), soft_wrap=True)
-    return 0
+    print_sweep_next_steps(console, outcome, resume)
+    return INTERRUPTED_EXIT if outcome.interrupted else 1 if outcome.all_failed() else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _count(args.seeds, "--seeds")
-    _name(args.experiment, "--experiment")
+    check_count(args.seeds, "--seeds")
+    check_flag_name(args.experiment, "--experiment")
     check_tracking_uri(args.tracking_uri)
     cfg = load_trial_config(args.config)
     if cfg.seed + args.seeds - 1 > SEED_MAX:
@@ -240,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _count(args.top_k, "--top-k")
-    _name(args.name, "--name")
+    check_count(args.top_k, "--top-k")
+    check_flag_name(args.name, "--name")
     check_tracking_uri(args.tracking_uri)  # and export_best refuses a local store that does not exist
     from roli_sweep.export import ExportError, export_best
 
@@ -258,7 +160,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_pretrain_config(args.config)
     check_storage_path(Path(cfg.out).parent, "out")
     check_inputs([cfg])
-    from roli_sweep.pretrain import pretrain
+    from roli_sweep.core.pretrain import pretrain
 
     card = pretrain(cfg, on_epoch=lambda m: console.print({k: round(v, 4) for k, v in m.items()}))
     console.print(f"wrote {cfg.out}.safetensors and .json: test clean {card['evaluation']['clean_acc']:.4f}, "
@@ -267,7 +169,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    _count(args.num_cpus, "--num-cpus", 65_536)
+    check_count(args.num_cpus, "--num-cpus", 65_536)
     check_tracking_uri(args.tracking_uri)
     check_storage_path(args.out, "--out")
     study = load_study_config(args.config)
@@ -278,56 +180,20 @@ def cmd_study(args: argparse.Namespace) -> int:
         check_address(args.address)
     else:
         check_local_resources(study.resources, args.num_cpus)
-    from roli_sweep.study import RunKey, StudyState, parse_filters, run_study
+    from roli_sweep.study.report import write_report
+    from roli_sweep.study.run import StudyState, parse_filters, run_study
     from roli_sweep.tracking import StudyRecorder
 
     filters = parse_filters(args.only)
     state = StudyState(args.out / study.name, study)
-
-    recorder = StudyRecorder(args.tracking_uri, study.name, args.config, args.config.read_text())
+    recorder = StudyRecorder(args.tracking_uri, study, args.config)
     if not args.report_only:
-        def on_run(key: RunKey, record: dict) -> None:
-            cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
-            labels = {"backbone": key.backbone, "target": key.target, "lr": f"{key.lr:.3g}"}
-            recorder.log_run(key.id, labels, cfg, record)
-            m = record.get("metrics", {})
-            line = (f"val robust {m['val_robust_acc']:.3f}, test clean {m['test_clean_acc']:.3f} "
-                    f"robust {m['test_robust_acc']:.3f}, {record['seconds']:.0f} s"
-                    if record["status"] == "completed" else "failed")
-            console.print(f"{key.id}: {line}", style=None if record["status"] == "completed" else "red")
-
-        def on_probe(key, record: dict) -> None:
-            m = record.get("metrics", {})
-            line = (f"probe test clean {m['probe_test_clean_acc']:.3f} robust {m['probe_test_robust_acc']:.3f}"
-                    if record["status"] == "completed" else f"probe failed\n{record['error']}")
-            console.print(f"probe {key.id}: {line}", style=None if record["status"] == "completed" else "red")
-
-        def on_final(key: RunKey, record: dict) -> None:
-            recorder.log_final(key.id, record)
-            if record["status"] != "completed":
-                console.print(f"final evaluation of {key.id} failed\n{record['error']}", style="red")
-                return
-            m = record["metrics"]
-            console.print(f"final {key.id}: clean {m['final_clean_acc']:.3f}, PGD {m['final_pgd_acc']:.3f}, "
-                          f"AutoAttack {m.get('final_autoattack_acc', float('nan')):.3f}, {record['seconds']:.0f} s")
-            for name, status, detail in record["checks"]:
-                if status != "pass":
-                    console.print(marked("[bold red]  masking check {}: warning[/] ({})", name, detail))
-
-        progress = run_study(study, state, filters, on_run, on_probe, on_final, num_cpus=args.num_cpus,
+        progress = run_study(study, state, filters, [recorder, StudyLines(console)], num_cpus=args.num_cpus,
                              address=args.address, final=not args.no_final)
-        console.print(f"study {study.name}: {progress.probes_run} probes, {progress.runs_completed} runs completed, "
-                      f"{progress.runs_failed} failed, {progress.finals_done} final evaluations in "
-                      f"{progress.seconds:.0f} s")
-    from roli_sweep.study_report import write_report
-
+        print_study_progress(console, study.name, progress)
     report = write_report(study, state)
-    recorder.finish(report.folder, report.summary,
-                    {f"search_space.edge.finetune.lr.{where}": w.message for where, w in report.edges.items()})
-    for warning in report.edges.values():
-        console.print(marked("[bold yellow]lr grid edge:[/] {}", warning.message), soft_wrap=True)
-    console.print(f"report: {report.folder / 'RESULTS.md'} (also in MLflow, experiment {study.name!r}, "
-                  f"parent run {recorder.parent_run_id})")
+    recorder.finish(report)
+    print_study_report(console, study.name, report, recorder.parent_run_id)
     return 0
 
 
@@ -337,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "sweep")
     args = _parser().parse_args(argv)
+    if interactive():  # every write to a lagging terminal waits instead of failing (roli_sweep.live_view)
+        sys.stdout.flush()
+        sys.stdout = TerminalWriter(sys.stdout)
     handler = {"sweep": cmd_sweep, "train": cmd_train, "export": cmd_export, "pretrain": cmd_pretrain,
                "study": cmd_study}[args.command]
     try:

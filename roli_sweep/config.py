@@ -180,7 +180,7 @@ class AttackConfig(_Strict):
 
 
 class MaskingConfig(_Strict):
-    """Gradient-masking checks run with every final evaluation (roli_sweep.masking)."""
+    """Gradient-masking checks run with every final evaluation (roli_sweep.evaluation.masking)."""
 
     n_examples: PositiveInt = Field(128, description="test examples the checks attack (the first ones)")
     pgd_steps: PositiveInt = Field(20, description="PGD steps of the eps sweep (step 2.5 * eps / steps)")
@@ -193,7 +193,7 @@ class MaskingConfig(_Strict):
 
 
 class AutoAttackConfig(_Strict):
-    """AutoAttack's components (roli_sweep.autoattack). The defaults are the published standard version
+    """AutoAttack's components (roli_sweep.evaluation.autoattack). The defaults are the published standard version
     (Croce & Hein, ICML 2020; fra31/auto-attack): anything else is reported as ``custom``."""
 
     enabled: bool = Field(True, description="run AutoAttack in the final evaluation")
@@ -218,7 +218,7 @@ def _autoattack_switch(value: Any) -> Any:
 
 
 class FinalEvalConfig(_Strict):
-    """The reported test evaluation (roli_sweep.final_eval): clean, PGD with restarts, standard AutoAttack."""
+    """The reported test evaluation (roli_sweep.evaluation.final_eval): clean, PGD with restarts, standard AutoAttack."""
 
     n_examples: PositiveInt | None = Field(None, description="evaluate the first n test examples; None = the full test split")
     pgd_steps: PositiveInt = 20

@@ -2,14 +2,16 @@
 
 :class:`ProgressLines` prints one line per event as it happens, each with the sweep's elapsed time: a trial
 started (with its sampled values), a probe epoch, the probe computed or cached, a finetune epoch (val clean
-and robust accuracy), a trial ended (with the trials finished and an estimate of what is left). A rich
-``Live`` table redrawn in place was tried: on a terminal the trials' Ray actors then died before they ran,
-for a reason not yet found, so it is not used. :class:`FinalProgress` prints the final evaluation's pieces
-and :func:`print_sweep_end` the end tables. It imports neither Ray nor torch: the Ray Tune callback that
-feeds it is :class:`roli_sweep.tune.callbacks.ConsoleProgress`.
+and robust accuracy), a trial ended (with the trials finished and an estimate of what is left); on a terminal
+the live table (:mod:`roli_sweep.live_view`) shows the same events in place. :class:`FinalProgress` prints the
+final evaluation's pieces, :func:`print_sweep_end` the end tables and :func:`print_sweep_next_steps` the
+commands to run next (quoted with :func:`command`); :class:`StudyLines` and the ``print_study_*`` functions the
+study's. It imports neither Ray, torch nor MLflow: the Ray Tune callback that feeds it is
+:class:`roli_sweep.tune.callbacks.ConsoleProgress`.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from roli_sweep.messages import bounded
-from roli_sweep.records import eps_fraction, threat_summary
+from roli_sweep.records import FinalRecord, StudyJobRecord, eps_fraction
 
 
 def short(value: Any) -> str:
@@ -149,10 +151,11 @@ def _fmt(value: float | None) -> str:
 
 
 def print_sweep_end(console: Console, outcome, space) -> None:
-    """The end of a sweep (:class:`roli_sweep.sweep.SweepOutcome` of ``space``): every trial's sampled values,
-    status and accuracies at its best val robust epoch; the Pareto front (multi-objective); the final
-    evaluation of the best trials with its threat model as the field writes it and the masking checks (warnings
-    in red); where the compute went; and the failures, each with its own reason."""
+    """The end of a sweep (:class:`roli_sweep.records.SweepOutcome` of ``space``): every trial's sampled values,
+    status and accuracies at its best val robust epoch; the best trial; the final evaluation of the best trials
+    with its threat model as the field writes it and the masking checks (warnings in red); every analysis'
+    finding (its warnings and table: range edges, Pareto front, importance); where the compute went; and the
+    failures, each with its own reason."""
     from roli_sweep.config import evaluation_attack
 
     threat = evaluation_attack(space.base.attack, space.base.eval)
@@ -171,52 +174,43 @@ def print_sweep_end(console: Console, outcome, space) -> None:
                       _fmt(row.val_clean_acc), _fmt(row.val_robust_acc), _fmt(row.test_clean_acc),
                       _fmt(row.test_robust_acc))
     console.print(table)
-    if space.metric.multi_objective:
-        front = Table(title="Pareto front of the completed trials: val clean vs val robust accuracy "
-                            "(plot: pareto_front.png in the parent run)")
-        for column in ("trial", *[k.split(".")[-1] for k in space.parameters], "val clean", "val robust"):
-            front.add_column(column, justify="right")
-        for row in outcome.pareto_front():
-            front.add_row(row.trial_id, *[short(row.sampled.get(k)) for k in space.parameters], _fmt(row.val_clean_acc),
-                          _fmt(row.val_robust_acc))
-        console.print(front)
     best = outcome.best()
     if best is not None:
         console.print(f"best trial {best.trial_id}: val robust {best.val_robust_acc:.3f} at "
                       + ", ".join(f"{k.split('.')[-1]} {short(best.sampled.get(k))}" for k in space.parameters))
-    for warning in outcome.edges:
-        console.print(marked("[bold yellow]search-space edge:[/] {}", warning.message), soft_wrap=True)
     finals = [r for r in ranked if r.final]
     if finals:
-        params = next((r.final["params"] for r in finals if "params" in r.final), {})
-        console.print(f"final evaluation of the best trials on test: {threat_summary(params)}")
+        threat = next((r.final.threat for r in finals if not r.final.failed), None)
+        console.print(f"final evaluation of the best trials on test: {threat.summary() if threat else 'failed'}")
         final_table = Table()
         for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
             final_table.add_column(column, justify="right")
         for row in finals:
-            if "error" in row.final:
-                final_table.add_row(row.trial_id, Text("failed", style="red"), "", "", row.final["error"])
+            if row.final.failed:
+                final_table.add_row(row.trial_id, Text("failed", style="red"), "", "", row.final.error)
                 continue
-            m, checks = row.final["metrics"], row.final["checks"]
-            warned = [check for check, status, _ in checks if status != "pass"]
+            m = row.final.metrics
+            warned = [check.name for check in row.final.warnings()]
             final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
                                 _fmt(m.get("final_autoattack_acc")),
                                 Text("pass", style="green") if not warned
                                 else Text(f"warning: {', '.join(warned)}", style="bold red"))
         console.print(final_table)
         for row in finals:
-            for check, status, detail in row.final.get("checks", []):
-                if status != "pass":
-                    console.print(marked("[bold red]trial {} masking check {}: warning[/] ({})", row.trial_id, check,
-                                         detail))
-    if outcome.importance:
-        importance = Table(title="hyperparameter importance for best val robust accuracy (Optuna fANOVA, completed "
-                                 "trials; importance.png and val_robust_vs_lr.png in the parent run)")
-        importance.add_column("parameter")
-        importance.add_column("importance", justify="right")
-        for key, value in outcome.importance.items():
-            importance.add_row(key, f"{value:.2f}")
-        console.print(importance)
+            for check in row.final.warnings():
+                console.print(marked("[bold red]trial {} masking check {}: warning[/] ({})", row.trial_id, check.name,
+                                     check.detail))
+    for found in outcome.findings:
+        for label, message in found.warnings:
+            console.print(marked("[bold yellow]{}:[/] {}", label, message), soft_wrap=True)
+        if found.table is not None:
+            title, columns, rows = found.table
+            table = Table(title=title)
+            for i, column in enumerate(columns):
+                table.add_column(column, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
     if outcome.compute:
         c = outcome.compute
         console.print(f"compute: trials {c['compute_trials_s']:.0f} core-s, final evaluation "
@@ -225,3 +219,79 @@ def print_sweep_end(console: Console, outcome, space) -> None:
     for row in outcome.rows:
         if row.error:
             console.print(marked("[red]trial {} failed:[/] {}", row.trial_id, row.error))
+
+
+def _script() -> str:
+    """How the user called the entry point (``run_sweep.py`` as typed), for the commands printed."""
+    return sys.argv[0] if sys.argv and sys.argv[0].endswith("run_sweep.py") else "run_sweep.py"
+
+
+def command(*words: object) -> str:
+    """A command line for the user to run, every word quoted for a POSIX shell (:func:`shlex.join`), so it runs as
+    printed whatever the paths hold."""
+    return shlex.join(["python", _script(), *map(str, words)])
+
+
+def print_sweep_next_steps(console: Console, outcome, resume: str) -> None:
+    """Where the sweep's runs and files are, and what to run next: ``mlflow ui`` on its store, the ``--resume``
+    command ``resume`` after Ctrl+C, every distinct failure reason when every trial failed, else the ``export``
+    command."""
+    console.print(marked("MLflow: experiment [bold]{}[/], parent run [bold]{}[/] ({}); browse with\n  {}\n"
+                         "and open http://127.0.0.1:5000/#/experiments/{}/runs?workflowType=machine_learning "
+                         "(MLflow 3.17's UI starts on its GenAI view otherwise)", outcome.experiment, outcome.name,
+                         outcome.parent_run_id, shlex.join(["mlflow", "ui", "--backend-store-uri", outcome.tracking_uri]),
+                         outcome.experiment_id), soft_wrap=True)
+    console.print(f"Ray Tune results and the sweep's log: {outcome.storage_path / outcome.name}")
+    if outcome.interrupted:
+        console.print(marked("[bold yellow]interrupted[/]: finished epochs are kept; continue with\n  {}", resume),
+                      soft_wrap=True)
+    elif outcome.all_failed():
+        console.print(marked("[bold red]every trial failed[/] ({}); the reasons:", len(outcome.rows)))
+        for reason in sorted({row.error or "unknown error" for row in outcome.rows}):
+            console.print(f"  {reason}", soft_wrap=True)
+    else:
+        console.print("export the best: " + command("export", "--name", outcome.name, "--top-k", 3, "--out",
+                                                    "exported", "--tracking-uri", outcome.tracking_uri), soft_wrap=True)
+
+
+class StudyLines:
+    """The study's progress on the console, one line per finished job (a :class:`roli_sweep.study.run.StudyObserver`)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def on_probe(self, key, record: StudyJobRecord) -> None:
+        m = record.metrics
+        line = (f"probe failed\n{record.error}" if record.failed else
+                f"probe test clean {m['probe_test_clean_acc']:.3f} robust {m['probe_test_robust_acc']:.3f}")
+        self.console.print(f"probe {key.id}: {line}", style="red" if record.failed else None)
+
+    def on_run(self, key, record: StudyJobRecord) -> None:
+        m = record.metrics
+        line = ("failed" if record.failed else f"val robust {m['val_robust_acc']:.3f}, test clean "
+                f"{m['test_clean_acc']:.3f} robust {m['test_robust_acc']:.3f}, {record.seconds:.0f} s")
+        self.console.print(f"{key.id}: {line}", style="red" if record.failed else None)
+
+    def on_final(self, key, record: FinalRecord) -> None:
+        if record.failed:
+            self.console.print(f"final evaluation of {key.id} failed\n{record.error}", style="red")
+            return
+        m = record.metrics
+        self.console.print(f"final {key.id}: clean {m['final_clean_acc']:.3f}, PGD {m['final_pgd_acc']:.3f}, "
+                           f"AutoAttack {m.get('final_autoattack_acc', float('nan')):.3f}, {record.seconds or 0:.0f} s")
+        for check in record.warnings():
+            self.console.print(marked("[bold red]  masking check {}: warning[/] ({})", check.name, check.detail))
+
+
+def print_study_progress(console: Console, name: str, progress) -> None:
+    """What one study invocation did (:class:`roli_sweep.study.run.StudyProgress`)."""
+    console.print(f"study {name}: {progress.probes_run} probes, {progress.runs_completed} runs completed, "
+                  f"{progress.runs_failed} failed, {progress.finals_done} final evaluations in {progress.seconds:.0f} s")
+
+
+def print_study_report(console: Console, name: str, report, parent_run_id: str) -> None:
+    """The study report's lr-grid edge warnings and where it is (:class:`roli_sweep.study.report.StudyReport`)."""
+    for warning in report.edges.values():
+        console.print(marked("[bold yellow]lr grid edge:[/] {}", warning.message), soft_wrap=True)
+    console.print(f"report: {report.folder / 'RESULTS.md'} (also in MLflow, experiment {name!r}, "
+                  f"parent run {parent_run_id})")

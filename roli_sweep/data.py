@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -43,8 +43,10 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from roli_sweep._torchvision_compat import import_torchvision
-from roli_sweep.config import DataConfig
 from roli_sweep.messages import shown
+
+if TYPE_CHECKING:
+    from roli_sweep.config import DataConfig
 
 
 @dataclass
@@ -88,10 +90,18 @@ class DataSplits:
 
 
 DATASETS: dict[str, Callable[[DataConfig], RawSplits]] = {}
+"""Every dataset's loader by name."""
+
+FILE_CHECKS: dict[str, Callable[[DataConfig], int]] = {}
+"""Every dataset's preflight check by name: it finds the files without loading them and returns the number of
+classes (:func:`check_files`)."""
 
 
-def register_dataset(name: str) -> Callable[[Callable[[DataConfig], RawSplits]], Callable[[DataConfig], RawSplits]]:
-    """Decorator: register a loader ``(DataConfig) -> RawSplits`` under ``name``.
+def register_dataset(name: str, check: Callable[[DataConfig], int]
+                     ) -> Callable[[Callable[[DataConfig], RawSplits]], Callable[[DataConfig], RawSplits]]:
+    """Decorator: register a loader ``(DataConfig) -> RawSplits`` under ``name``, with ``check``, which finds its
+    files without loading them (raising FileNotFoundError / ValueError naming the key and path, as the loader
+    would) and returns its number of classes.
 
     Raises:
         ValueError: ``name`` is registered already (a second loader would silently replace the first).
@@ -100,13 +110,13 @@ def register_dataset(name: str) -> Callable[[Callable[[DataConfig], RawSplits]],
     def add(loader: Callable[[DataConfig], RawSplits]) -> Callable[[DataConfig], RawSplits]:
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered already (by {DATASETS[name].__qualname__})")
-        DATASETS[name] = loader
+        DATASETS[name], FILE_CHECKS[name] = loader, check
         return loader
 
     return add
 
 
-@register_dataset("digits")
+@register_dataset("digits", check=lambda cfg: 10)
 def load_digits(cfg: DataConfig) -> RawSplits:
     """scikit-learn's digits: values 0..16 scaled to [0, 1]; fixed stratified 20 % test split (seed 0)."""
     from sklearn.datasets import load_digits as sk_load_digits
@@ -173,7 +183,12 @@ def _fashion_mnist_root(cfg: DataConfig) -> Path:
     return Path(cfg.root) if cfg.root else cache_dir() / "fashion_mnist" / "download"
 
 
-@register_dataset("fashion_mnist")
+def _check_fashion_mnist(cfg: DataConfig) -> int:
+    _fashion_mnist_root(cfg)
+    return 10
+
+
+@register_dataset("fashion_mnist", check=_check_fashion_mnist)
 def load_fashion_mnist(cfg: DataConfig) -> RawSplits:
     """Fashion-MNIST through torchvision, from local files; downloads only with ``download: true``.
 
@@ -238,13 +253,24 @@ def _load_cifar(cfg: DataConfig, dataset_cls: type) -> RawSplits:
     return RawSplits(images(train), labels(train), images(test), labels(test), list(train.classes))
 
 
-@register_dataset("cifar10")
+def _check_cifar(classes: int) -> Callable[[DataConfig], int]:
+    """The preflight check of CIFAR-``classes``: torchvision's files (and checksums) under ``root``."""
+
+    def check(cfg: DataConfig) -> int:
+        datasets = import_torchvision().datasets
+        _cifar_root(cfg, datasets.CIFAR10 if classes == 10 else datasets.CIFAR100)
+        return classes
+
+    return check
+
+
+@register_dataset("cifar10", check=_check_cifar(10))
 def load_cifar10(cfg: DataConfig) -> RawSplits:
     """CIFAR-10 (``<root>/cifar-10-batches-py/``), see :func:`_load_cifar`."""
     return _load_cifar(cfg, import_torchvision().datasets.CIFAR10)
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", check=_check_cifar(100))
 def load_cifar100(cfg: DataConfig) -> RawSplits:
     """CIFAR-100 with its 100 fine labels (``<root>/cifar-100-python/``), see :func:`_load_cifar`."""
     return _load_cifar(cfg, import_torchvision().datasets.CIFAR100)
@@ -359,7 +385,7 @@ def load_image_list(cfg: DataConfig) -> RawSplits:
 
 
 for _name in IMAGE_LIST_DATASETS:  # imagefolder and its presets share one loader
-    register_dataset(_name)(load_image_list)
+    register_dataset(_name, check=lambda cfg: len(_image_list_splits(cfg)[1]))(load_image_list)
 
 
 def check_files(cfg: DataConfig) -> None:
@@ -368,22 +394,19 @@ def check_files(cfg: DataConfig) -> None:
     Raises:
         FileNotFoundError / ValueError: as the dataset's loader would, naming the key and the path.
     """
-    num_classes = FIXED_CLASS_COUNTS.get(cfg.name)
-    if cfg.name == "fashion_mnist":
-        _fashion_mnist_root(cfg)
-    elif cfg.name in ("cifar10", "cifar100"):
-        datasets = import_torchvision().datasets
-        _cifar_root(cfg, datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100)
-    elif cfg.name in IMAGE_LIST_DATASETS:
-        num_classes = len(_image_list_splits(cfg)[1])
-    if cfg.classes is not None and num_classes is not None:
+    num_classes = FILE_CHECKS[cfg.name](cfg)
+    if cfg.classes is not None:
         missing = [c for c in cfg.classes if c >= num_classes]
         if missing:
             raise ValueError(f"data.classes: {shown(missing)} not in {cfg.name} (classes 0..{num_classes - 1})")
 
+NATIVE_SIDES = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
+"""Native image side in pixels of the datasets that have one (image lists need ``image_size``)."""
 
-FIXED_CLASS_COUNTS = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
-"""Classes of the datasets whose class count does not depend on their files (image lists: their split files')."""
+
+def input_side(cfg: DataConfig) -> int:
+    """The side in pixels of the images a trial attacks: ``image_size`` if set, else the dataset's native one."""
+    return cfg.image_size or NATIVE_SIDES[cfg.name]
 
 
 def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.ndarray:

@@ -12,23 +12,13 @@ per cell) warns when its winner is the grid's largest or smallest value (:func:`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from roli_sweep.config import ParameterSpec
+from roli_sweep.records import EdgeWarning
 
 OUTER = 0.1
 """The outer tenth of a range, at either end."""
-
-
-@dataclass(frozen=True)
-class EdgeWarning:
-    """One parameter whose best trials sit at an edge of its range."""
-
-    parameter: str
-    bound: str
-    """``max`` or ``min``: the bound to move."""
-    message: str
 
 
 def top_trials(scored: Sequence[tuple[dict[str, Any], float]]) -> list[dict[str, Any]]:

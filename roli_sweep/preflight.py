@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+from argparse import Namespace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from roli_sweep.config import ConfigError, Resources, TrialConfig
+from roli_sweep.config import ConfigError, Resources, SearchSpace, TrialConfig, load_search_space
+from roli_sweep.console import command
 from roli_sweep.messages import shown
+from roli_sweep.names import check_name, default_sweep_name
 
 ADDRESS_TIMEOUT_S = 5.0
 """How long a Ray cluster's address gets to accept a TCP connection."""
@@ -174,3 +177,89 @@ def check_local_resources(resources: Resources, num_cpus: int | None) -> None:
         problems.append(f"resources.gpu: a trial asks for {resources.gpu:g} GPUs, torch sees {gpus} here")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+MAX_COUNT = 1_000_000
+"""The largest trial count, concurrency, CPU count, top-k or seed count a flag takes."""
+
+
+def check_count(value: int | None, flag: str, maximum: int = MAX_COUNT) -> None:
+    if value is not None and not 1 <= value <= maximum:
+        raise ConfigError(f"{flag}: value {value} not allowed: an integer from 1 to {maximum:,}")
+
+
+def check_flag_name(value: str | None, flag: str) -> None:
+    """A name given by ``flag`` follows :mod:`roli_sweep.names`' rule (None: not given).
+
+    Raises:
+        ConfigError: naming the flag, the value and what is allowed.
+    """
+    if value is not None:
+        try:
+            check_name(value, flag)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _check_continuation(args: Namespace, space: SearchSpace) -> None:
+    """``--resume`` continues a sweep on the space it started with; ``--seed-from`` may widen it
+    (:mod:`roli_sweep.widening`). ``num_samples``, ``max_concurrent`` and ``resources`` may differ: a resumed
+    sweep keeps those Ray Tune stored, a seeded one runs with the new ones.
+
+    Raises:
+        ConfigError: the space changes more than bounds and values, or ``--resume`` was given a widened space
+            (Ray Tune restores the search space it stored); the message gives the ``--seed-from`` command.
+    """
+    from roli_sweep.widening import SPACE_FILE, load_sweep_space, widened_parameters
+
+    old_name = args.name if args.resume else args.seed_from
+    if args.resume and not (args.storage_path / old_name / SPACE_FILE).exists():
+        return  # started before sweeps kept their space: Ray Tune restores what it stored
+    widened = widened_parameters(load_sweep_space(args.storage_path / old_name), space)
+    if args.resume and widened:
+        raise ConfigError(
+            f"--resume: {args.space} widens {', '.join(widened)} of sweep {old_name}, and Ray Tune restores a sweep "
+            "with the search space it stored. Search the widened space in a new sweep that starts from the "
+            "finished trials:\n  " + command("--space", args.space, "--seed-from", old_name, "--tracking-uri",
+                                              args.tracking_uri, "--storage-path", args.storage_path))
+
+
+def check_sweep(args: Namespace) -> tuple[SearchSpace, str]:
+    """Everything a sweep checks before it imports Ray: flags, names, the space, the dataset and weights files,
+    the tracking URI, the storage folder, the sweep to resume or seed from, the cluster to join, the resources.
+
+    Returns:
+        The validated space (flags applied) and the sweep's name.
+
+    Raises:
+        ConfigError: naming each key or flag, the value and what is allowed.
+    """
+    check_count(args.num_samples, "--num-samples")
+    check_count(args.max_concurrent, "--max-concurrent")
+    check_count(args.num_cpus, "--num-cpus", 65_536)
+    check_flag_name(args.name, "--name")
+    check_flag_name(args.seed_from, "--seed-from")
+    if args.resume and not args.name:
+        raise ConfigError("--resume needs --name: the sweep to continue")
+    if args.seed_from and (args.resume or args.name == args.seed_from):
+        raise ConfigError("--seed-from starts a new sweep: it does not go with --resume, and --name must differ "
+                          f"from {args.seed_from!r}")
+    check_storage_path(args.storage_path)
+    check_tracking_uri(args.tracking_uri)
+    if args.resume or args.seed_from:
+        check_sweep_exists(args.storage_path, args.name if args.resume else args.seed_from,
+                           "--resume --name" if args.resume else "--seed-from",
+                           "tuner.pkl" if args.resume else "search_space.yaml")
+    space = load_search_space(args.space)
+    overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
+    space = space.model_copy(update=overrides)
+    inputs = [space.base] + [space.trial_config({key: value}) for key, spec in space.parameters.items()
+                             if key.startswith(("data.", "backbone.")) for value in spec.candidates()]
+    check_inputs(inputs)
+    if args.resume or args.seed_from:
+        _check_continuation(args, space)
+    if args.address:
+        check_address(args.address)
+    else:
+        check_local_resources(space.resources, args.num_cpus)
+    return space, args.name or default_sweep_name(space.name)

@@ -17,10 +17,10 @@ from rich.text import Text
 
 from roli_sweep.config import TrialConfig, apply_overrides
 from roli_sweep.console import default_console
-from roli_sweep.final_eval import evaluate_and_check
+from roli_sweep.evaluation.final_eval import evaluate_and_check
 from roli_sweep.records import Check
 from roli_sweep.tracking import describe_trial_run, experiment_id, final_eval_record, log_epoch_metrics
-from roli_sweep.trial import run_trial
+from roli_sweep.core.trial import run_trial
 
 
 def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experiment: str,
@@ -71,7 +71,7 @@ def train_logged(cfg: TrialConfig, config_path: Path, tracking_uri: str, experim
                                    next(result.model.parameters()).device)
         record = final.record()
         final_eval_record(run_id, client, record)
-        metrics.update(record["metrics"])
+        metrics.update(record.metrics)
         print_checks(console, final.checks)
     client.set_tag(run_id, "status", "completed")
     client.set_terminated(run_id, "FINISHED")

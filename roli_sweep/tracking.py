@@ -13,16 +13,21 @@ with the helpers here. This module does not import Ray.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from roli_sweep.config import SearchSpace, TrialConfig, dump_yaml, flatten
-from roli_sweep.records import Check, masking_tags
+from roli_sweep.config import SearchSpace, StudyConfig, TrialConfig, dump_yaml, flatten
+from roli_sweep.records import FinalRecord, StudyJobRecord, SweepOutcome, TrialState, masking_tags
 from roli_sweep.provenance import git_commit, package_versions
+
+if TYPE_CHECKING:
+    from roli_sweep.study.report import StudyReport
+    from roli_sweep.study.run import ProbeKey, RunKey
 
 TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
 ROLE_TAG = "sweep_role"
@@ -103,11 +108,11 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any]
     client.log_batch(run_id, metrics=batch)
 
 
-def trial_status(finetune_epochs: int, last_epoch: int | None, errored: bool) -> str:
+def trial_status(finetune_epochs: int, last_epoch: int | None, errored: bool) -> TrialState:
     """``failed`` on error, ``completed`` when every finetune epoch ran, else ``pruned`` (stopped by ASHA)."""
     if errored:
-        return "failed"
-    return "completed" if last_epoch == finetune_epochs else "pruned"
+        return TrialState.FAILED
+    return TrialState.COMPLETED if last_epoch == finetune_epochs else TrialState.PRUNED
 
 
 def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path, sweep: str, resume: bool) -> str:
@@ -141,16 +146,31 @@ def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path,
     return run_id
 
 
-def finish_parent_run(client: MlflowClient, run_id: str, best: dict[str, float] | None, counts: dict[str, int],
-                      best_trial: str | None, compute: dict[str, float] | None = None) -> None:
-    """Log the best completed trial's metrics, the trial counts and where the compute went, then close the
-    parent run."""
-    metrics = {f"trials_{status}": n for status, n in counts.items()} | (compute or {})
-    if best:
-        metrics.update({f"best_{k}": v for k, v in best.items()})
-        client.set_tag(run_id, "best_trial_id", best_trial or "")
+def log_sweep_end(client: MlflowClient, outcome: SweepOutcome) -> None:
+    """The end of a finished sweep on its parent run, then closed: the final evaluations (also on their child
+    runs, :func:`log_final_evaluations`), every analysis' finding (:mod:`roli_sweep.analysis`: its metrics, tags
+    and figure; e.g. ``search_space.edge.<parameter>``, ``importance.<parameter>``, ``importance.png``), the best
+    completed trial's metrics, the trial counts and where the compute went."""
+    run_id, name = outcome.parent_run_id, outcome.name
+    log_final_evaluations(client, outcome.experiment, name, run_id, [(r.trial_id, r.final) for r in outcome.rows
+                                                                     if r.final])
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        for found in outcome.findings:
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in found.metrics.items()],
+                             tags=[RunTag(k, v[:5000]) for k, v in found.tags.items()])
+            if found.figure and found.plot:
+                found.plot(Path(tmp) / found.figure)
+                client.log_artifact(run_id, str(Path(tmp) / found.figure))
+    counts = {s.value: sum(r.status == s for r in outcome.rows)
+              for s in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED)}
+    metrics = {f"trials_{status}": n for status, n in counts.items()} | (outcome.compute or {})
+    best = outcome.best()
+    if best is not None:
+        metrics.update({"best_val_clean_acc": best.val_clean_acc, "best_val_robust_acc": best.val_robust_acc,
+                        "best_test_clean_acc": best.test_clean_acc, "best_test_robust_acc": best.test_robust_acc})
+        client.set_tag(run_id, "best_trial_id", best.trial_id)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
     client.set_tag(run_id, "status", "finished")
     client.set_terminated(run_id, "FINISHED")
 
@@ -173,21 +193,22 @@ def mark_interrupted(client: MlflowClient, parent_run_id: str) -> set[str]:
     return {child.data.tags.get("trial_id", "") for child in children}
 
 
-def final_eval_record(run_id: str, client: MlflowClient, final: dict[str, Any]) -> None:
-    """Log one final evaluation to a run: accuracies as metrics, the threat model as params, and the masking
-    checks as tags ``masking`` (pass / warning), ``masking.<check>`` and ``masking.<check>.detail``."""
+def final_eval_record(run_id: str, client: MlflowClient, final: FinalRecord, metric_prefix: str = "") -> None:
+    """Log one final evaluation to a run: accuracies as metrics (named ``<metric_prefix><name>``), the threat
+    model as params, and the masking checks as tags ``masking`` (pass / warning), ``masking.<check>`` and
+    ``masking.<check>.detail``; a failed one as the tag ``final_eval = failed: <reason>``."""
     now = int(time.time() * 1000)
-    if "error" in final:
-        client.set_tag(run_id, "final_eval", f"failed: {final['error']}"[:5000])
+    if final.failed:
+        client.set_tag(run_id, "final_eval", f"failed: {final.error}"[:5000])
         return
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in final["metrics"].items()],
-                     params=[Param(k, v) for k, v in final["params"].items()])
-    tags = {"final_eval": "done", **masking_tags([Check(*c) for c in final["checks"]])}
+    client.log_batch(run_id, metrics=[Metric(metric_prefix + k, float(v), now, 0) for k, v in final.metrics.items()],
+                     params=[Param(k, v) for k, v in final.params.items()])
+    tags = {"final_eval": "done", **masking_tags(final.checks)}
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, parent_run_id: str,
-                          finals: list[tuple[str, dict[str, Any]]]) -> None:
+                          finals: list[tuple[str, FinalRecord]]) -> None:
     """Log each top-k trial's final evaluation to its child run, and a summary table to the parent run."""
     exp = experiment_id(client, experiment)
     lines = ["| trial | clean | PGD | AutoAttack | masking |", "|---|---|---|---|---|"]
@@ -196,15 +217,15 @@ def log_final_evaluations(client: MlflowClient, experiment: str, sweep: str, par
             f"tags.trial_id = {filter_value(trial_id)} and tags.sweep = {filter_value(sweep)}"))
         if found:
             final_eval_record(found[0].info.run_id, client, final)
-        if "error" in final:
-            lines.append(f"| {trial_id} | failed: {final['error']} | | | |")
+        if final.failed:
+            lines.append(f"| {trial_id} | failed: {final.error} | | | |")
             continue
-        m = final["metrics"]
-        masking = masking_tags([Check(*c) for c in final["checks"]])["masking"]
+        m = final.metrics
+        masking = masking_tags(final.checks)["masking"]
         lines.append(f"| {trial_id} | {m['final_clean_acc']:.4f} | {m['final_pgd_acc']:.4f} | "
                      f"{m.get('final_autoattack_acc', float('nan')):.4f} | {masking} |")
         if rank == 0:
-            final_eval_record(parent_run_id, client, {**final, "metrics": {f"best_{k}": v for k, v in m.items()}})
+            final_eval_record(parent_run_id, client, final, metric_prefix="best_")
     if finals:
         client.log_text(parent_run_id, "\n".join(lines) + "\n", "final_evaluation.md")
 
@@ -216,52 +237,61 @@ class StudyRecorder:
     ``run_key``) are not logged twice.
     """
 
-    def __init__(self, tracking_uri: str, study: str, config_path: Path, config_text: str) -> None:
+    def __init__(self, tracking_uri: str, study: StudyConfig, config_path: Path) -> None:
+        self.study = study
         self.client = MlflowClient(tracking_uri)
         self.provenance = provenance_tags()
-        self.experiment = experiment_id(self.client, study)
+        self.experiment = experiment_id(self.client, study.name)
         found = self.client.search_runs([self.experiment], filter_string=(
             f"tags.{ROLE_TAG} = {filter_value('study_parent')}"))
         if found:
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment, run_name=study, tags={
-                "study": study, ROLE_TAG: "study_parent", "config_file": str(config_path), **self.provenance})
+            run = self.client.create_run(self.experiment, run_name=study.name, tags={
+                "study": study.name, ROLE_TAG: "study_parent", "config_file": str(config_path), **self.provenance})
             self.parent_run_id = run.info.run_id
-            self.client.log_text(self.parent_run_id, config_text, "study_config.yaml")
+            self.client.log_text(self.parent_run_id, config_path.read_text(), "study_config.yaml")
         children = self.client.search_runs(
             [self.experiment], filter_string=f"tags.{ROLE_TAG} = {filter_value('study_run')}", max_results=50000)
         self.logged = {r.data.tags.get("run_key") for r in children}
 
-    def log_run(self, run_key: str, labels: dict[str, str], cfg: TrialConfig, record: dict[str, Any]) -> None:
+    def on_probe(self, key: ProbeKey, record: StudyJobRecord) -> None:
+        """Probes are logged with the runs that use them (nothing to log here)."""
+
+    def on_run(self, key: RunKey, record: StudyJobRecord) -> None:
         """One child run: the resolved config as params, the run's metrics, labels and status as tags."""
+        run_key = key.id
         if run_key in self.logged:
             return
+        cfg = self.study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
+        labels = {"backbone": key.backbone, "target": key.target, "lr": f"{key.lr:.3g}"}
         run = self.client.create_run(self.experiment, run_name=run_key, tags={
             "mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "study_run", "run_key": run_key,
-            "status": record["status"], **labels})
+            "status": record.status.value, **labels})
         describe_trial_run(self.client, run.info.run_id, cfg, self.provenance)
         now = int(time.time() * 1000)
-        metrics = {**record.get("metrics", {}), "run_seconds": record.get("seconds", 0.0)}
+        metrics = {**record.metrics, "run_seconds": record.seconds}
         self.client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        if record["status"] == "failed":
-            self.client.log_text(run.info.run_id, record.get("error", ""), "error.txt")
-        self.client.set_terminated(run.info.run_id, "FINISHED" if record["status"] == "completed" else "FAILED")
+        if record.failed:
+            self.client.log_text(run.info.run_id, record.error, "error.txt")
+        self.client.set_terminated(run.info.run_id, "FAILED" if record.failed else "FINISHED")
         self.logged.add(run_key)
 
-    def log_final(self, run_key: str, record: dict[str, Any]) -> None:
-        """Add a final evaluation (and its masking tags) to the child run of ``run_key``."""
+    def on_final(self, key: RunKey, record: FinalRecord) -> None:
+        """Add a final evaluation (and its masking tags) to the child run of ``key``."""
+        run_key = key.id
         found = self.client.search_runs([self.experiment], filter_string=f"tags.run_key = {filter_value(run_key)}")
         if found:
-            final_eval_record(found[0].info.run_id, self.client,
-                              record if record["status"] == "completed" else {"error": record["error"]})
+            final_eval_record(found[0].info.run_id, self.client, record)
 
-    def finish(self, report_dir: Path | None, summary: dict[str, float], tags: dict[str, str] | None = None) -> None:
-        """Log the report folder (markdown table, PNG plots), summary metrics and ``tags`` to the parent run."""
-        if report_dir is not None:
-            self.client.log_artifacts(self.parent_run_id, str(report_dir), "report")
+    def finish(self, report: StudyReport) -> None:
+        """Log the report folder (markdown table, PNG plots), its summary metrics and its lr-grid edge warnings
+        (tags ``search_space.edge.finetune.lr.<cell>``) to the parent run, and close it."""
+        self.client.log_artifacts(self.parent_run_id, str(report.folder), "report")
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
-                              tags=[RunTag(k, v[:5000]) for k, v in (tags or {}).items()])
+        tags = {f"search_space.edge.finetune.lr.{where}": w.message for where, w in report.edges.items()}
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0)
+                                                           for k, v in report.summary.items()],
+                              tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
         self.client.set_terminated(self.parent_run_id, "FINISHED")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roli_sweep.attacks import pgd
+from roli_sweep.core.attacks import pgd
 
 
 def _model() -> nn.Module:
@@ -87,7 +87,7 @@ class WrongOnlyWhenClean(nn.Module):
 
 def test_robust_accuracy_counts_only_clean_correct_examples():
     from roli_sweep.config import AttackConfig
-    from roli_sweep.train import Runtime, evaluate, make_loader
+    from roli_sweep.core.train import Runtime, evaluate, make_loader
 
     x0 = torch.rand(1, 1, 8, 8)
     model = WrongOnlyWhenClean(x0)
@@ -101,7 +101,7 @@ def test_robust_accuracy_counts_only_clean_correct_examples():
 
 def test_validation_attacks_run_in_fp32_under_bf16_training():
     from roli_sweep.config import AttackConfig
-    from roli_sweep.train import Runtime, evaluate, make_loader
+    from roli_sweep.core.train import Runtime, evaluate, make_loader
 
     model = _model().eval()
     dtypes = []

@@ -10,7 +10,7 @@ import torch
 
 from roli_sweep.config import BackboneConfig
 from roli_sweep.models.backbone import SHIPPED_DIR, build_backbone, load_state_dict, model_card, shipped_backbones
-from roli_sweep.pretrain import sha256
+from roli_sweep.core.pretrain import sha256
 from tests.conftest import TINY_KWARGS
 
 

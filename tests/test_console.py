@@ -6,7 +6,7 @@ import math
 import pytest
 
 from roli_sweep.console import ProgressLines
-from roli_sweep.records import eps_fraction, threat_summary
+from roli_sweep.records import ThreatModel, eps_fraction
 
 
 def _feed(view: ProgressLines) -> None:
@@ -33,10 +33,9 @@ def test_every_event_is_one_line_with_the_elapsed_time_and_an_estimate_at_each_t
 
 def test_threat_model_is_written_as_the_field_writes_it():
     assert eps_fraction(8 / 255) == "8/255" and eps_fraction(0.1) == "0.1"
-    params = {"final_eval.norm": "Linf", "final_eval.eps": str(8 / 255), "final_eval.pgd_steps": "20",
-              "final_eval.pgd_restarts": "5", "final_eval.autoattack.version": "standard",
-              "final_eval.n_examples": "100"}
-    assert threat_summary(params) == "L-inf 8/255, PGD-20 ×5 restarts, AutoAttack standard, 100 test images"
+    threat = ThreatModel("Linf", 8 / 255, 20, 2.5 * (8 / 255) / 20, 5, "standard", 100, 100, 9, 5000, 100, "1x8x8")
+    assert threat.summary() == "L-inf 8/255, PGD-20 ×5 restarts, AutoAttack standard, 100 test images"
+    assert ThreatModel.from_params(threat.params()) == threat  # study folders that kept only the params
 
 
 def test_registries_refuse_a_duplicate_name():
@@ -45,14 +44,14 @@ def test_registries_refuse_a_duplicate_name():
     from roli_sweep.models.methods.lora import Lora
 
     with pytest.raises(ValueError, match="'digits' is registered already"):
-        register_dataset("digits")(lambda cfg: None)
+        register_dataset("digits", check=lambda cfg: 10)(lambda cfg: None)
     with pytest.raises(ValueError, match="'lora' is registered already"):
         register_method(Lora)
 
 
 def test_warmup_cosine_starts_above_zero_peaks_after_warmup_and_ends_at_zero():
     from roli_sweep.config import StageConfig
-    from roli_sweep.train import warmup_cosine
+    from roli_sweep.core.train import warmup_cosine
 
     factor = warmup_cosine(StageConfig(epochs=4, lr=0.1, warmup_epochs=1, optimizer="sgd"), steps_per_epoch=10)
     assert factor(0) == pytest.approx(0.1)  # the first step already trains (the reference's first epoch ran at 0)

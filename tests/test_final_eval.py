@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from roli_sweep.config import FinalEvalConfig, MaskingConfig
-from roli_sweep.final_eval import threat_model
-from roli_sweep.masking import run_checks
+from roli_sweep.evaluation.final_eval import threat_model
+from roli_sweep.evaluation.masking import run_checks
 from roli_sweep.records import masking_tags
 
 CHECKS = MaskingConfig(n_examples=64, pgd_steps=10, more_steps=40, square_queries=200)
@@ -59,7 +59,7 @@ class Noisy(nn.Module):
 def _checks(model, x, y, eps=0.1):
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
-    from roli_sweep.attacks import pgd
+    from roli_sweep.core.attacks import pgd
 
     x_adv = pgd(model, x, y, eps, 2.5 * eps / 20, 20, True, torch.Generator().manual_seed(0), prefer_misclassified=True)
     with torch.no_grad():
@@ -101,7 +101,7 @@ def _final_cfg(trial_dict, eps=0.05, **final):
 
 
 def test_final_evaluation_orders_attacks_resumes_and_reads_square_from_autoattack(tmp_path, digits_linear, trial_dict):
-    from roli_sweep.final_eval import FinalEvaluation, evaluate_and_check
+    from roli_sweep.evaluation.final_eval import FinalEvaluation, evaluate_and_check
 
     model, x, y = digits_linear
     test = TensorDataset(x[:24], y[:24])
@@ -119,17 +119,18 @@ def test_final_evaluation_orders_attacks_resumes_and_reads_square_from_autoattac
     checks = {c.name: c for c in full.checks}
     assert "AutoAttack's Square broke" in checks["black_box"].detail and len(checks) == 7
     pieces = [p.id for p in FinalEvaluation(cfg, test, 10).pieces()]
-    assert pieces == ["batch:0", "batch:1", "batch:2", "check:eps_sweep", "check:more_steps", "check:model"]
+    assert pieces == ["batch:0", "batch:1", "batch:2", "check:eps_sweep", "check:more_steps", "check:gradients",
+                      "check:logits", "check:deterministic"]
 
     # interrupted after two pieces: the resumed run computes only the rest and gives the same outcomes
     saved = json.loads(state.read_text())
-    saved["pieces"] = {k: v for k, v in saved["pieces"].items() if k in ("batch:0", "check:model")}
+    saved["pieces"] = {k: v for k, v in saved["pieces"].items() if k in ("batch:0", "check:gradients", "check:logits", "check:deterministic")}
     state.write_text(json.dumps(saved))
     calls = []
     resumed = evaluate_and_check(model, test, cfg, 10, torch.device("cpu"), state_path=state,
                                  on_piece=lambda piece, done, total: calls.append((piece.id, done, total)))
     assert [c[0] for c in calls] == ["batch:1", "batch:2", "check:eps_sweep", "check:more_steps"]
-    assert calls[-1][1:] == (6, 6)
+    assert calls[-1][1:] == (8, 8)
     assert (resumed.result.clean, resumed.result.pgd, resumed.result.autoattack) == (
         full.result.clean, full.result.pgd, full.result.autoattack)
     assert [(c.name, c.status, c.detail) for c in resumed.checks] == [(c.name, c.status, c.detail) for c in full.checks]
@@ -140,7 +141,7 @@ def test_final_evaluation_orders_attacks_resumes_and_reads_square_from_autoattac
 
 def test_square_breaking_what_the_white_box_attacks_left_is_flagged(digits_linear, trial_dict):
     """The official AutoAttack's Square check: Square succeeding where APGD and FAB failed means masked gradients."""
-    from roli_sweep.final_eval import evaluate_and_check
+    from roli_sweep.evaluation.final_eval import evaluate_and_check
 
     model, x, y = digits_linear
     cfg = _final_cfg(trial_dict, eps=0.1, n_examples=64, batch_size=64,
@@ -153,7 +154,7 @@ def test_square_breaking_what_the_white_box_attacks_left_is_flagged(digits_linea
 
 
 def test_the_eps_sweep_stops_once_accuracy_is_zero(digits_linear):
-    from roli_sweep.masking import measure
+    from roli_sweep.evaluation.masking import measure
 
     model, x, y = digits_linear
     cfg = MaskingConfig(eps_factors=[1.0, 4.0, 8.0, 16.0], large_eps=0.9)
@@ -168,7 +169,7 @@ def test_autoattack_components_carry_the_published_settings():
     in that order; K - 1 targets when K <= 10; anything else labelled custom."""
     import torchattacks
 
-    from roli_sweep.autoattack import build_autoattack
+    from roli_sweep.evaluation.autoattack import build_autoattack
     from roli_sweep.config import AutoAttackConfig
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 100))
@@ -191,7 +192,7 @@ def test_autoattack_components_carry_the_published_settings():
 
 
 def test_autoattack_attacks_only_clean_correct_examples(digits_linear):
-    from roli_sweep.autoattack import ROBUST, autoattack_outcomes
+    from roli_sweep.evaluation.autoattack import ROBUST, autoattack_outcomes
     from roli_sweep.config import AutoAttackConfig
 
     model, x, y = digits_linear
@@ -212,3 +213,30 @@ def test_probabilities_instead_of_logits_are_flagged(digits_linear):
     model, x, y = digits_linear
     checks = _checks(nn.Sequential(model, nn.Softmax(dim=1)), x, y)
     assert checks["logits"].status == "warning", checks["logits"].detail
+
+
+def test_a_new_masking_check_is_one_registered_class(digits_linear):
+    """The extension point: a check registered in roli_sweep.evaluation.masking is measured and judged with the others, in
+    the sweep's pieces too; a second check of the same name is refused."""
+    from roli_sweep.evaluation.masking import CHECKS, Check, MaskingCheck, measured_checks, register_check
+
+    @register_check
+    class ZeroLogits(MaskingCheck):
+        name = "zero_logits"
+
+        def measure(self, model, x, y, eps, cfg, generator, seed):
+            with torch.no_grad():
+                return {"zero": bool((model(x) == 0).all(1).any())}
+
+        def judge(self, measured, evidence):
+            return Check(self.name, "warning" if measured["zero"] else "pass", f"all-zero logit rows: {measured['zero']}")
+
+    try:
+        assert "zero_logits" in measured_checks(autoattack=True)
+        model, x, y = digits_linear
+        checks = _checks(model, x, y)
+        assert checks["zero_logits"].status == "pass" and len(checks) == 8
+        with pytest.raises(ValueError, match="registered already"):
+            register_check(ZeroLogits)
+    finally:
+        del CHECKS["zero_logits"]

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from roli_sweep.cli import main
 from roli_sweep.config import ConfigError, StudyConfig
-from roli_sweep.study import StudyState, choose_lrs, parse_filters
-from roli_sweep.study_report import collect_cells, lr_grid_edges
+from roli_sweep.study.run import StudyState, choose_lrs, parse_filters
+from roli_sweep.study.report import collect_cells, lr_grid_edges
 from tests.conftest import write_yaml
 
 

@@ -191,7 +191,7 @@ def test_multi_objective_sweep_reports_a_pareto_front(tmp_path, monkeypatch, ray
 
 
 def test_pareto_front_keeps_only_undominated_trials():
-    from roli_sweep.sweep import SweepOutcome, TrialRow
+    from roli_sweep.records import SweepOutcome, TrialRow
 
     def row(tid, clean, robust):
         return TrialRow(tid, {}, "completed", 2, clean, robust, None, None)

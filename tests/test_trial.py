@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from roli_sweep.config import TrialConfig
-from roli_sweep.trial import ProbeOutcome, init_finetune_head, prepare, probe_and_test, run_probe, run_trial
+from roli_sweep.core.probe_cache import ProbeOutcome
+from roli_sweep.core.trial import init_finetune_head, prepare, probe_and_test, run_probe, run_trial
 
 
 @pytest.mark.parametrize("head_init", ["roli", "random"])
@@ -66,7 +67,7 @@ def test_probe_keeps_the_frozen_backbone_in_eval_mode(trial_dict):
 
 def test_bf16_autocast_runs_a_trial(trial_dict):
     """The GPU path's mixed precision, exercised on CPU (torch.autocast supports bf16 there too)."""
-    from roli_sweep.train import make_runtime
+    from roli_sweep.core.train import make_runtime
 
     assert make_runtime("cpu", "auto", 0).autocast_dtype is None
     assert make_runtime("cpu", "bf16", 0).autocast_dtype == torch.bfloat16
@@ -102,7 +103,7 @@ def test_a_saved_probe_gives_the_same_trial(tmp_path, trial_dict, head_init):
 def test_a_cached_probe_gives_the_same_trial_and_the_key_follows_stage_one(tmp_path, trial_dict):
     """The sweep's probe cache: the second trial with the same probe settings reads stage 1, and its metrics are
     those of a trial without any cache; settings stage 1 ignores share a key, those it uses do not."""
-    from roli_sweep.probe_cache import ProbeCache, probe_key
+    from roli_sweep.core.probe_cache import ProbeCache, probe_key
 
     cfg = TrialConfig.model_validate(trial_dict)
     other = TrialConfig.model_validate({**trial_dict, "finetune": {**trial_dict["finetune"], "lr": 5e-3,
@@ -132,7 +133,7 @@ def test_a_cached_probe_gives_the_same_trial_and_the_key_follows_stage_one(tmp_p
 def _finetune_model(cfg: TrialConfig):
     """The stage-2 model of ``cfg`` (method applied, RanLI head) and its train-mode modules."""
     from roli_sweep.models.methods import apply_method
-    from roli_sweep.trial import finetune_train_modules
+    from roli_sweep.core.trial import finetune_train_modules
 
     prep = prepare(cfg)
     backbone_modules = set(prep.model.modules()) - set(prep.model.head.modules())
@@ -145,7 +146,7 @@ def test_frozen_backbone_stays_in_eval_mode_while_lora_finetunes(trial_dict, mod
     """drop-path 0.5 in the frozen backbone: with the reference's modes it never acts during a LoRA finetuning
     epoch (PGD included) and the frozen part gives identical features on two forward passes; with the whole
     model in train mode it acts and they differ."""
-    from roli_sweep.train import adversarial_epoch, make_loader, make_optimizer, set_train_modes, warmup_cosine
+    from roli_sweep.core.train import adversarial_epoch, make_loader, make_optimizer, set_train_modes, warmup_cosine
 
     # two blocks: timm spreads drop-path linearly over the blocks from 0, so the second gets 0.5
     trial_dict["backbone"].update(weights=None, kwargs={**trial_dict["backbone"]["kwargs"], "depth": 2,
@@ -200,7 +201,7 @@ def test_random_head_init(trial_dict, scheme):
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings(trial_dict):
-    from roli_sweep.train import make_optimizer
+    from roli_sweep.core.train import make_optimizer
 
     trial_dict["finetune"].update(method="full", method_params={}, optimizer="adamw", weight_decay=0.05)
     cfg = TrialConfig.model_validate(trial_dict)
@@ -216,17 +217,17 @@ def test_weight_decay_spares_biases_norms_and_embeddings(trial_dict):
 
 
 def test_saved_state_keeps_persistent_buffers_only():
-    from roli_sweep.trial import _state_of
+    from roli_sweep.core.stage import state_of
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     model[1].register_buffer("rebuilt", torch.zeros(2), persistent=False)
     model[0].requires_grad_(False)
-    assert set(_state_of(model, {"1.weight", "1.bias"})) == {
+    assert set(state_of(model, {"1.weight", "1.bias"})) == {
         "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
 
 
 def test_load_trained_rebuilds_the_tested_model(tmp_path, trial_dict):
-    from roli_sweep.trial import BEST_STATE_FILE, load_trained
+    from roli_sweep.core.trial import BEST_STATE_FILE, load_trained
 
     cfg = TrialConfig.model_validate(trial_dict)
     result = run_trial(cfg, checkpoint_dir=tmp_path)
@@ -241,18 +242,18 @@ def test_saved_state_is_what_state_dict_holds(tmp_path):
     from tests.test_methods import SWIN
     from roli_sweep.models.backbone import build_backbone
     from roli_sweep.models.methods import apply_method
-    from roli_sweep.trial import _load_state, _state_of
+    from roli_sweep.core.stage import load_state, state_of
 
     model = build_backbone(SWIN, num_classes=3)
     apply_method(model, "lora", {"r": 2})
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = _state_of(model, trainable)
+    state = state_of(model, trainable)
     assert set(state) <= set(model.state_dict()) and trainable <= set(state)
     assert not any("relative_position_index" in k or "attn_mask" in k for k in state)
     assert any("relative_position_index" in n for n, _ in model.named_buffers())
-    _load_state(model, state, "saved state")
+    load_state(model, state, "saved state")
     with pytest.raises(RuntimeError, match="missing"):
-        _load_state(model, {k: v for k, v in state.items() if "lora_A" not in k}, "saved state")
+        load_state(model, {k: v for k, v in state.items() if "lora_A" not in k}, "saved state")
 
 
 @pytest.mark.parametrize("stop_after", [0, 1])
@@ -283,7 +284,7 @@ def test_a_resumed_trial_repeats_the_uninterrupted_one(tmp_path, trial_dict, sto
 
 
 def test_divergence_stops_the_trial_at_once(trial_dict):
-    from roli_sweep.train import DivergenceError
+    from roli_sweep.core.train import DivergenceError
 
     trial_dict["finetune"]["lr"] = 1e30  # AdamW moves every parameter by about lr: the loss overflows
     seen = []
@@ -294,12 +295,12 @@ def test_divergence_stops_the_trial_at_once(trial_dict):
 
 def test_cuda_out_of_memory_names_the_batch_size(trial_dict, monkeypatch):
     """Injected: no GPU is needed to see what the user is told."""
-    import roli_sweep.trial as trial_module
-    from roli_sweep.trial import TrialOutOfMemoryError
+    import roli_sweep.core.stage as stage_module
+    from roli_sweep.core.stage import TrialOutOfMemoryError
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trial_module, "adversarial_epoch", out_of_memory)
+    monkeypatch.setattr(stage_module, "adversarial_epoch", out_of_memory)
     with pytest.raises(TrialOutOfMemoryError, match="probe epoch 1 at batch size 32 .*lower them.*bf16"):
         run_trial(TrialConfig.model_validate(trial_dict))

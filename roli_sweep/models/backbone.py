@@ -19,7 +19,7 @@ import re
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,9 @@ from roli_sweep._torchvision_compat import import_torchvision
 import_torchvision()  # must precede the timm import on a CPU torch (see _torchvision_compat)
 import timm  # noqa: E402
 
-from roli_sweep.config import BackboneConfig  # noqa: E402
+if TYPE_CHECKING:
+    from roli_sweep.config import BackboneConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
-"""Ray Tune callbacks of a sweep: MLflow child runs (:class:`MlflowTrialCallback`) and the live console view
-(:class:`ConsoleProgress`), with failures told as the trial's own exception, in plain words."""
+"""Ray Tune callbacks of a sweep: MLflow child runs (:class:`MlflowTrialCallback`) and the console view
+(:class:`ConsoleProgress`: a live table on a terminal, plain lines elsewhere), with failures told as the trial's
+own exception, in plain words."""
 from __future__ import annotations
 
-import re
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
@@ -12,25 +13,12 @@ from ray import tune
 
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
 from roli_sweep.console import ProgressLines
+from roli_sweep.live_view import LiveTable, interactive
 from roli_sweep.tracking import (ROLE_TAG, describe_trial_run, experiment_id, filter_value, log_epoch_metrics,
                                   trial_status)
+from roli_sweep.tune.failures import failure_reason
 
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning)): (.*)$")
-
-
-def failure_reason(error: BaseException | str) -> str:
-    """The trial's own exception as ``Type: message``, without Ray's wrapper line or ANSI codes.
-
-    ``error`` is an exception Ray Tune reports (its ``cause``, when it wraps one, is the trial's own) or
-    the text of a trial's error file, whose last ``Type: message`` line is the trial's exception.
-    """
-    cause = getattr(error, "cause", None) or error
-    if isinstance(cause, BaseException) and not type(cause).__name__.startswith("RayTaskError"):
-        return ANSI.sub("", f"{type(cause).__name__}: {cause}").splitlines()[0]
-    lines = [ANSI.sub("", line).strip() for line in str(cause).splitlines()]
-    found = [f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" for m in map(EXCEPTION_LINE.match, lines) if m]
-    return (found[-1] if found else next((line for line in reversed(lines) if line), "unknown error"))[:500]
+logger = logging.getLogger(__name__)
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -43,7 +31,7 @@ class MlflowTrialCallback(tune.Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, sweep: str,
-                 base: dict[str, Any]) -> None:
+                 base: TrialConfig) -> None:
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
         self.sweep, self.base = sweep, base
         self._client: MlflowClient | None = None
@@ -65,7 +53,7 @@ class MlflowTrialCallback(tune.Callback):
         """Log the trial's resolved config; a sampled combination the config rejects is logged as such
         (the trial itself then fails on the same error and is recorded as failed)."""
         try:
-            cfg = apply_overrides(TrialConfig.model_validate(self.base), trial.config)
+            cfg = apply_overrides(self.base, trial.config)
         except ConfigError as err:
             self.client.log_text(run_id, str(err), "config_error.txt")
             return
@@ -106,7 +94,7 @@ class MlflowTrialCallback(tune.Callback):
         if run_id is None:
             return
         last = trial.last_result or {}
-        status = trial_status(self.base["finetune"]["epochs"], last.get("epoch"), errored)
+        status = trial_status(self.base.finetune.epochs, last.get("epoch"), errored)
         self.client.set_tag(run_id, "status", status)
         if errored and trial.error_file and Path(trial.error_file).is_file():
             text = Path(trial.error_file).read_text()
@@ -122,8 +110,15 @@ class MlflowTrialCallback(tune.Callback):
 
 
 class ConsoleProgress(tune.Callback):
-    """Feeds the sweep's progress lines (:class:`roli_sweep.console.ProgressLines`; Ray's own output is off): each trial's
-    start, probe and finetune epochs and end, a failure as the trial's own exception.
+    """Feeds the sweep's progress view (Ray's own output is off): each trial's start, probe and finetune epochs and
+    end, a failure as the trial's own exception. With the driver's stdout on a terminal that redraws in place the
+    view is the live table (:class:`roli_sweep.live_view.LiveTable`, drawn here, on the driver's main thread, at the
+    events and from Tune's step loop); otherwise (a pipe, a log file, CI, nohup, ``TERM=dumb``) one plain line per
+    event (:class:`roli_sweep.console.ProgressLines`).
+
+    A display error never reaches Ray Tune: an exception raised in a callback ends the Tune run and with it every
+    trial's actor (and its message would go to the terminal that failed). The live table then gives way to plain
+    lines (a warning on this module's logger says why), and a plain line that cannot be written is dropped.
 
     Holds only plain data when pickled with the experiment state; the view is rebuilt on a restore.
     """
@@ -139,14 +134,36 @@ class ConsoleProgress(tune.Callback):
     @property
     def view(self) -> ProgressLines:
         if self._view is None:
-            self._view = ProgressLines(*self.settings)
+            self._view = LiveTable(*self.settings) if interactive() else ProgressLines(*self.settings)
         return self._view
 
+    def _show(self, update: Callable[[ProgressLines], object]) -> None:
+        """Apply ``update`` to the view; on a display error, fall back to plain lines (see the class docstring)."""
+        view = self.view
+        try:
+            update(view)
+        except Exception as error:  # noqa: BLE001 - whatever the display raises, the sweep goes on
+            if not isinstance(view, LiveTable):
+                if not isinstance(error, OSError):  # a line that cannot be written is just lost
+                    logger.warning("progress line not shown: %s", failure_reason(error))
+                return
+            view.abandon()
+            self._view = ProgressLines(*self.settings, lines=view.lines, start=view.start)
+            logger.warning("live table off, progress as plain lines from here: %s", failure_reason(error))
+            try:
+                update(self._view)
+            except Exception:  # noqa: BLE001
+                pass
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.view.started(trial.trial_id, trial.config)
+        self._show(lambda view: view.started(trial.trial_id, trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.view.progress(trial.trial_id, result)
+        self._show(lambda view: view.progress(trial.trial_id, result))
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if isinstance(self._view, LiveTable):
+            self._show(lambda view: view.tick() if isinstance(view, LiveTable) else None)
 
     def _end(self, trial, errored: bool) -> None:
         last = trial.last_result or {}
@@ -155,10 +172,17 @@ class ConsoleProgress(tune.Callback):
                   if "best_val_robust_acc" in last else "")
         if errored and trial.error_file and Path(trial.error_file).is_file():
             detail = failure_reason(Path(trial.error_file).read_text())
-        self.view.finished(trial.trial_id, status, detail)
+        self._show(lambda view: view.finished(trial.trial_id, status, detail))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, errored=False)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._end(trial, errored=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if isinstance(self._view, LiveTable):
+            try:
+                self._view.close()
+            except Exception:  # noqa: BLE001 - the end tables come next, on the same terminal
+                self._view.abandon()

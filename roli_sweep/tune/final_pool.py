@@ -1,5 +1,5 @@
 """The final evaluation of a sweep's best trials on the whole machine (or cluster): a pool of Ray actors runs the
-independent pieces of every evaluation (:class:`roli_sweep.final_eval.FinalEvaluation`: batches of test examples
+independent pieces of every evaluation (:class:`roli_sweep.evaluation.final_eval.FinalEvaluation`: batches of test examples
 with PGD restarts and AutoAttack, and the masking checks) at once, as many as the free CPUs (or GPUs) allow.
 
 Each actor rebuilds a trial's tested model once from its checkpoint and keeps it for the next piece of the
@@ -18,6 +18,7 @@ import ray
 from ray.util import ActorPool
 
 from roli_sweep.config import TrialConfig
+from roli_sweep.records import FinalRecord, ThreatModel
 
 
 @dataclass
@@ -34,7 +35,7 @@ class FinalJob:
 class FinalOutcome:
     """What :func:`run_final_jobs` found for one job: its record (or error) and the seconds its pieces took."""
 
-    record: dict[str, Any]
+    record: FinalRecord
     busy_seconds: float
 
 
@@ -48,41 +49,40 @@ class FinalEvalWorker:
         self._key: str | None = None
         self._held: tuple | None = None
 
-    def _load(self, cfg_json: dict[str, Any], checkpoint_dir: str):
+    def _load(self, cfg: TrialConfig, checkpoint_dir: str):
         if self._key != checkpoint_dir:
-            from roli_sweep.final_eval import FinalEvaluation
-            from roli_sweep.trial import BEST_STATE_FILE, load_trained
+            from roli_sweep.evaluation.final_eval import FinalEvaluation
+            from roli_sweep.core.trial import BEST_STATE_FILE, load_trained
 
-            cfg = TrialConfig.model_validate(cfg_json)
             model, splits, device = load_trained(cfg, Path(checkpoint_dir) / BEST_STATE_FILE)
             self._key, self._held = checkpoint_dir, (model, FinalEvaluation(cfg, splits.test, splits.num_classes), device)
         return self._held
 
-    def plan(self, cfg_json: dict[str, Any], checkpoint_dir: str) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    def plan(self, cfg: TrialConfig, checkpoint_dir: str) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
         """The threat model (as a dict) and the pieces ``(kind, index)`` of one evaluation."""
         from dataclasses import asdict
 
-        _, evaluation, _ = self._load(cfg_json, checkpoint_dir)
+        _, evaluation, _ = self._load(cfg, checkpoint_dir)
         return asdict(evaluation.threat), [(p.kind, p.index) for p in evaluation.pieces()]
 
-    def run(self, name: str, cfg_json: dict[str, Any], checkpoint_dir: str, kind: str,
+    def run(self, name: str, cfg: TrialConfig, checkpoint_dir: str, kind: str,
             index: Any) -> tuple[str, str, dict[str, Any] | None, float, str | None]:
         """``(name, piece id, outcome, seconds, error)``: one piece's outcome and the seconds it took, or the
         failure as ``Type: message``."""
-        from roli_sweep.final_eval import Piece
-        from roli_sweep.tune.callbacks import failure_reason
+        from roli_sweep.evaluation.final_eval import Piece
+        from roli_sweep.tune.failures import failure_reason
 
         piece, started = Piece(kind, index), time.perf_counter()
         try:
-            model, evaluation, device = self._load(cfg_json, checkpoint_dir)
+            model, evaluation, device = self._load(cfg, checkpoint_dir)
             outcome = evaluation.run(piece, model, device)
         except Exception as err:  # noqa: BLE001 - the driver records it with the trial
             return name, piece.id, None, time.perf_counter() - started, failure_reason(err)
         return name, piece.id, outcome, time.perf_counter() - started, None
 
-    def report(self, cfg_json: dict[str, Any], checkpoint_dir: str, outcomes: dict[str, Any]) -> dict[str, Any]:
+    def report(self, cfg: TrialConfig, checkpoint_dir: str, outcomes: dict[str, Any]) -> FinalRecord:
         """The record (metrics, threat-model params, checks) assembled from every piece's outcome."""
-        _, evaluation, _ = self._load(cfg_json, checkpoint_dir)
+        _, evaluation, _ = self._load(cfg, checkpoint_dir)
         return evaluation.report(outcomes).record()
 
 
@@ -96,19 +96,19 @@ def run_final_jobs(jobs: list[FinalJob], cpus: float, gpus: float, threads: int,
         on_piece: called as ``on_piece(job name, piece id, done, total)`` after each piece.
 
     Returns:
-        Per job name: ``{"metrics", "params", "checks"}`` or ``{"error": ...}``, and the busy seconds.
+        Per job name: its :class:`~roli_sweep.records.FinalRecord` (``error`` set when it failed) and the busy seconds.
 
     Raises:
         KeyboardInterrupt: Ctrl+C; every finished piece is already in its state file.
     """
-    from roli_sweep.final_eval import ThreatModel, load_outcomes, save_outcomes
+    from roli_sweep.evaluation.final_eval import load_outcomes, save_outcomes
 
     if not jobs:
         return {}
     total = ray.cluster_resources()
     room = int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 1) // max(cpus, 1e-9))
     actor = ray.remote(FinalEvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
-    payload = {job.name: job.cfg.model_dump(mode="json") for job in jobs}
+    payload = {job.name: job.cfg for job in jobs}
     actors = [actor.remote(threads)]  # plans the jobs, then joins the pool; the pool's first one reports
     try:
         outcomes: dict[str, FinalOutcome] = {}
@@ -146,12 +146,12 @@ def run_final_jobs(jobs: list[FinalJob], cpus: float, gpus: float, threads: int,
                     on_piece(name, piece_id, len(done), count)
         for name, (threat, done, _) in state.items():
             if name in failed:
-                outcomes[name] = FinalOutcome({"error": failed[name]}, busy[name])
+                outcomes[name] = FinalOutcome(FinalRecord(error=failed[name]), busy[name])
                 continue
             try:
                 record = ray.get(actors[0].report.remote(payload[name], by_name[name].checkpoint_dir, done))
             except Exception as err:  # noqa: BLE001
-                record = {"error": _first_line(err)}
+                record = FinalRecord(error=_first_line(err))
             outcomes[name] = FinalOutcome(record, busy[name])
     finally:
         for worker in actors:
@@ -160,6 +160,6 @@ def run_final_jobs(jobs: list[FinalJob], cpus: float, gpus: float, threads: int,
 
 
 def _first_line(err: BaseException) -> str:
-    from roli_sweep.tune.callbacks import failure_reason
+    from roli_sweep.tune.failures import failure_reason
 
     return failure_reason(err)

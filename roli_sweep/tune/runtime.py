@@ -385,6 +385,17 @@ def stop_local_runtime(storage_path: Path) -> None:
     _remove_record(storage_path, driver_pid=os.getpid())
 
 
+def set_tune_environment() -> None:
+    """The Ray Tune settings a sweep runs with (unless the user set them), before its runtime starts."""
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials run in the driver's working directory
+    # the end of stage 1 is reported (epoch 0, with the probe as checkpoint) before any finetune metric exists;
+    # ASHA and the searcher skip results without their metric, Tune's strict check would refuse it
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ray Tune's new output engine prints its "Configuration for experiment" box and a TensorBoard hint even at
+    # verbose=0; the legacy one prints nothing there. The sweep's own view is roli_sweep.tune.callbacks'.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 @contextmanager
 def logs_to_file(path: Path) -> Iterator[None]:
     """Send the records of Ray's, MLflow's and Optuna's loggers (:data:`LOGGERS`, INFO and up) to ``path``

@@ -13,8 +13,8 @@ from ray import tune
 from roli_sweep.config import TrialConfig, apply_overrides
 
 
-def run_tune_trial(config: dict[str, Any], base: dict[str, Any], threads: int, probe_cache: str | None = None) -> None:
-    """One probe-then-finetune trial (:func:`roli_sweep.trial.run_trial`) as a Ray Tune function trainable.
+def run_tune_trial(config: dict[str, Any], base: TrialConfig, threads: int, probe_cache: str | None = None) -> None:
+    """One probe-then-finetune trial (:func:`roli_sweep.core.trial.run_trial`) as a Ray Tune function trainable.
 
     It reports the end of stage 1 (``epoch`` 0, with the probe as checkpoint) and every finetune epoch
     (with the trial's checkpoint: probe, stage-2 state, and after the last epoch the tested state). A
@@ -23,15 +23,15 @@ def run_tune_trial(config: dict[str, Any], base: dict[str, Any], threads: int, p
     result, so after Ctrl+C the epoch whose result was still in flight runs again, with the same
     numbers (the RNGs are restored too); the MLflow callback logs it once. Each probe epoch is reported too,
     as progress (``stage`` probe, ``probe_epoch``; no ``epoch``, so ASHA and the searcher ignore it). With
-    ``probe_cache`` (a folder) stage 1 comes from :class:`roli_sweep.probe_cache.ProbeCache`.
+    ``probe_cache`` (a folder) stage 1 comes from :class:`roli_sweep.core.probe_cache.ProbeCache`.
     """
     import torch
 
-    from roli_sweep.probe_cache import ProbeCache
-    from roli_sweep.trial import run_trial
+    from roli_sweep.core.probe_cache import ProbeCache
+    from roli_sweep.core.trial import run_trial
 
     torch.set_num_threads(threads)
-    cfg = apply_overrides(TrialConfig.model_validate(base), config)
+    cfg = apply_overrides(base, config)
     cache = ProbeCache(Path(probe_cache)) if probe_cache else None
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / "checkpoint"

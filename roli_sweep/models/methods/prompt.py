@@ -16,7 +16,7 @@ averaged into the pooled features.
 
 Prompts start uniform in ``±sqrt(6 / (3 * patch_area + D))`` (the VPT paper's Xavier-style init; D =
 the first stage's width on Swin). Prompt dropout acts only in train mode: evaluation and the
-attacks' forward passes run in eval mode (roli_sweep.attacks.eval_mode). Paper setting: deep, 10
+attacks' forward passes run in eval mode (roli_sweep.core.attacks.eval_mode). Paper setting: deep, 10
 tokens (20 on CUB).
 """
 from __future__ import annotations

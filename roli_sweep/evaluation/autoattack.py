@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from roli_sweep.attacks import eval_mode
+from roli_sweep.core.attacks import eval_mode
 from roli_sweep.config import AutoAttackConfig
 
 
@@ -39,7 +39,7 @@ ROBUST, MISCLASSIFIED = -1, -2
 
 
 def build_autoattack(model: nn.Module, eps: float, num_classes: int, cfg: AutoAttackConfig, seed: int) -> list:
-    """The four attacks of :mod:`roli_sweep.autoattack`, configured as ``cfg`` says, in the published order.
+    """The four attacks of :mod:`roli_sweep.evaluation.autoattack`, configured as ``cfg`` says, in the published order.
 
     Args:
         model: images (B, C, H, W) in [0, 1] -> logits (B, K); normalisation inside it.

@@ -3,10 +3,10 @@
 Validation accuracies select models; this is what gets reported (../shared/PAPER.md, "Checking
 robustness claims"): clean accuracy, PGD-k with random restarts (an example counts as robust only if
 it is classified correctly clean and no restart breaks it) and standard AutoAttack as published
-(Croce & Hein, ICML 2020: APGD-CE, APGD-T, FAB-T, Square; :mod:`roli_sweep.autoattack`), on the full
+(Croce & Hein, ICML 2020: APGD-CE, APGD-T, FAB-T, Square; :mod:`roli_sweep.evaluation.autoattack`), on the full
 test split or its first ``n_examples`` (a stated subset). The model runs in eval mode in fp32.
 
-:func:`evaluate_and_check` adds the gradient-masking checks of :mod:`roli_sweep.masking`.
+:func:`evaluate_and_check` adds the gradient-masking checks of :mod:`roli_sweep.evaluation.masking`.
 
 The evaluation is split into independent pieces (:class:`FinalEvaluation`): batches of test examples
 and the pieces of the masking checks. Their outcomes are written to a JSON state file as each piece
@@ -25,38 +25,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from roli_sweep.attacks import pgd_broken
-from roli_sweep.autoattack import ROBUST, STAGES, autoattack_outcomes, target_classes
+from roli_sweep.core.attacks import pgd_broken
+from roli_sweep.evaluation.autoattack import ROBUST, STAGES, autoattack_outcomes, target_classes
 from roli_sweep.config import FinalEvalConfig, TrialConfig, evaluation_attack
-from roli_sweep.masking import PIECES, judge, measure
-from roli_sweep.records import Check
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    """Everything a reported robust accuracy depends on; logged as params next to it."""
-
-    norm: str
-    eps: float
-    pgd_steps: int
-    pgd_step_size: float
-    pgd_restarts: int
-    autoattack: str
-    """``standard`` (the published configuration), ``custom`` or ``off``."""
-    autoattack_apgd_steps: int
-    autoattack_fab_steps: int
-    autoattack_target_classes: int
-    autoattack_square_queries: int
-    n_examples: int
-    input_size: str
-
-    def params(self) -> dict[str, str]:
-        """MLflow params ``final_eval.<field>``; the AutoAttack settings as ``final_eval.autoattack.<setting>``."""
-        out = {}
-        for key, value in asdict(self).items():
-            key = "autoattack.version" if key == "autoattack" else key.replace("autoattack_", "autoattack.")
-            out[f"final_eval.{key}"] = str(value)
-        return out
+from roli_sweep.evaluation.masking import Evidence, judge, measure, measured_checks
+from roli_sweep.records import Check, FinalRecord, ThreatModel
 
 
 @dataclass
@@ -136,7 +109,7 @@ def save_outcomes(path: Path, threat: ThreatModel, outcomes: Outcomes) -> None:
 @dataclass(frozen=True)
 class Piece:
     """An independent part of a final evaluation: a ``batch`` of test examples (clean, PGD with restarts,
-    AutoAttack) or a ``check`` piece of :data:`roli_sweep.masking.PIECES`."""
+    AutoAttack) or the ``check`` piece of a masking check that measures the model (:mod:`roli_sweep.evaluation.masking`)."""
 
     kind: str
     index: int | str
@@ -155,11 +128,9 @@ class FinalReport:
     autoattack_stages: dict[str, int] | None = None
     """Examples each AutoAttack stage broke first (by name), and ``robust``: those none broke."""
 
-    def record(self) -> dict[str, Any]:
-        """Plain data for Ray, JSON and MLflow: ``metrics``, ``params`` (the threat model) and ``checks``
-        as ``(name, status, detail)``, as :func:`roli_sweep.tracking.final_eval_record` logs them."""
-        return {"metrics": self.result.metrics(), "params": self.result.threat.params(),
-                "checks": [(c.name, c.status, c.detail) for c in self.checks]}
+    def record(self) -> FinalRecord:
+        """The typed record Ray, JSON and MLflow carry: metrics, the threat model and the checks."""
+        return FinalRecord(self.result.metrics(), self.result.threat, list(self.checks))
 
 
 class FinalEvaluation:
@@ -184,7 +155,7 @@ class FinalEvaluation:
     def pieces(self) -> list[Piece]:
         """The batches first (the long ones), then the check pieces."""
         batches = [Piece("batch", b) for b in range(math.ceil(len(self.subset) / self.final.batch_size))]
-        checks = [Piece("check", name) for name in PIECES if name != "square" or not self.final.autoattack.enabled]
+        checks = [Piece("check", name) for name in measured_checks(self.final.autoattack.enabled)]
         return batches + checks
 
     def _examples(self, indices: range, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +187,7 @@ class FinalEvaluation:
             model.train(was_training)
 
     def report(self, outcomes: Outcomes) -> FinalReport:
-        """Accuracies and the seven masking checks from every piece's outcome.
+        """Accuracies and every masking check's verdict from every piece's outcome.
 
         Raises:
             KeyError: a piece has no outcome yet.
@@ -233,8 +204,9 @@ class FinalEvaluation:
         result = FinalEvalResult(self.threat, clean, pgd_robust, autoattack)
         n = self.n_checked
         measured = {p.index: outcomes[p.id] for p in self.pieces() if p.kind == "check"}
-        checks = judge(measured, n, sum(clean[:n]) / n, sum(pgd_robust[:n]) / n,
-                       sum(autoattack[:n]) / n if autoattack is not None else None, stages, self.final.masking)
+        checks = judge(measured, Evidence(n, sum(clean[:n]) / n, sum(pgd_robust[:n]) / n,
+                                          sum(autoattack[:n]) / n if autoattack is not None else None, stages,
+                                          self.final.masking))
         return FinalReport(result, checks, stages)
 
 

@@ -1,6 +1,6 @@
 """The study's report: a markdown table of every cell, the findings F1-F3 computed from it, and plots.
 
-Every number comes from the study state (:mod:`roli_sweep.study`): test accuracies of the runs at
+Every number comes from the study state (:mod:`roli_sweep.study.run`): test accuracies of the runs at
 the learning rates chosen on validation, as mean +- sample standard deviation over seeds, and
 RoLI - RanLI as the mean +- std of the per-seed paired differences (same seed, so the same data
 split, data order and attack randomness). Missing runs show as "-" with the seed count given.
@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roli_sweep.config import StudyConfig
+from roli_sweep.data import input_side
 from roli_sweep.edges import EdgeWarning, grid_end_warning
 from roli_sweep.plots import plot_backbone_comparison, plot_clean_vs_robust, plot_paired_differences
-from roli_sweep.study import LrChoice, ProbeKey, RunKey, StudyState, chosen_groups, final_runs
+from roli_sweep.records import StudyJobRecord
+from roli_sweep.study.run import LrChoice, ProbeKey, RunKey, StudyState, chosen_groups, final_runs
 
-PEFT_METHODS = ("linear", "lora", "adapter", "prompt", "bias")
+def peft_methods() -> list[str]:
+    """The registered transfer methods that freeze the backbone (linear probing and every PEFT method; F1)."""
+    from roli_sweep.models.methods import METHODS
+
+    return sorted(name for name, method in METHODS.items() if method.freezes_backbone)
 
 
 @dataclass
@@ -129,13 +135,14 @@ def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str]
     lines, summary = [], {}
     robust_key = "test_robust_acc"
     # F1: standard vs robust backbone, PEFT methods (both inits, own lr)
+    peft_names = peft_methods()
     lines.append("**F1 (standard backbone: PEFT stays far less robust).** Mean test robust accuracy of "
-                 f"{', '.join(PEFT_METHODS)} (both inits, own lr), and of full finetuning:")
+                 f"{', '.join(peft_names)} (both inits, own lr), and of full finetuning:")
     for target in study.targets:
         row = []
         for backbone in study.backbones:
             peft = [c.own[i][robust_key].mean for c in cells if c.backbone == backbone and c.target == target
-                    and c.method in PEFT_METHODS for i in c.own if c.own[i][robust_key].n]
+                    and c.method in peft_names for i in c.own if c.own[i][robust_key].n]
             full = [c.own[i][robust_key].mean for c in cells if c.backbone == backbone and c.target == target
                     and c.method == "full" for i in c.own if c.own[i][robust_key].n]
             if peft:
@@ -184,15 +191,15 @@ def final_table(study: StudyConfig, state: StudyState) -> tuple[list[str], dict[
     params: dict[str, str] = {}
     for key in final_runs(study, state):
         record = state.final(key)
-        if not record:
+        if record is None:
             continue
-        if record["status"] != "completed":
+        if record.failed:
             rows.append(f"| {key.backbone} | {key.target} | {key.method} | {key.head_init} | failed | | | |")
             continue
         done += 1
-        params = record["params"]
-        m = record["metrics"]
-        bad = [name for name, status, _ in record["checks"] if status != "pass"]
+        params = record.params
+        m = record.metrics
+        bad = [check.name for check in record.warnings()]
         warned += bool(bad)
         aa = m.get("final_autoattack_acc")
         rows.append(f"| {key.backbone} | {key.target} | {key.method} | {'RoLI' if key.head_init == 'roli' else 'RanLI'} "
@@ -234,17 +241,18 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
     run_seconds = 0.0
     completed = failed = 0
     for path in sorted(state.folder.glob("runs/*.json")):
-        record = json.loads(path.read_text())
-        run_seconds += record.get("seconds", 0.0)
-        completed += record["status"] == "completed"
-        failed += record["status"] == "failed"
+        record = StudyJobRecord.from_json(json.loads(path.read_text()))
+        run_seconds += record.seconds
+        completed += not record.failed
+        failed += record.failed
     sizes = "; ".join(f"{t}: {d.name}{' classes ' + str(d.classes) if d.classes else ''}, train {d.train_size}, "
                       f"val {d.val_size}, test {d.test_size}" for t, d in study.targets.items())
+    sides = ", ".join(f"{t} {input_side(d)}x{input_side(d)}" for t, d in study.targets.items())
     lines = [
         f"# Study {study.name}",
         "",
         f"Threat model: L-inf eps {base.eval.eps if base.eval.eps is not None else base.attack.eps:.4g} in [0, 1] pixels, "
-        f"attacked at the datasets' 28x28 input. Training: PGD-{base.attack.steps} "
+        f"attacked at each target's input ({sides}). Training: PGD-{base.attack.steps} "
         f"(step {'2.5 eps / steps' if base.attack.step_size is None else base.attack.step_size}), random start. "
         f"Validation (lr and epoch selection): PGD-{base.eval.val_steps}. Test: clean and PGD-{base.eval.test_steps}, "
         f"step {base.eval.step_size}, 1 random start, best iterate per example.",

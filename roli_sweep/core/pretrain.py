@@ -22,8 +22,8 @@ from roli_sweep.config import AttackConfig, PretrainConfig, evaluation_attack
 from roli_sweep.data import load_splits
 from roli_sweep.models.backbone import build_backbone
 from roli_sweep.provenance import git_commit, package_versions
-from roli_sweep.train import adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, step_size, warmup_cosine
-from roli_sweep.trial import seed_everything
+from roli_sweep.core.train import adversarial_epoch, evaluate, make_loader, make_optimizer, make_runtime, step_size, warmup_cosine
+from roli_sweep.core.trial import seed_everything
 
 
 def sha256(path: Path) -> str:

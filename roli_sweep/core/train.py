@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from roli_sweep.attacks import pgd, pgd_broken
+from roli_sweep.core.attacks import pgd, pgd_broken
 from roli_sweep.config import AttackConfig, StageConfig
 
 

@@ -1,6 +1,6 @@
 """The stage-1 probe cache: one adversarial linear probe per distinct probe setting, shared by the trials.
 
-Stage 1 (:func:`roli_sweep.trial.run_probe`) depends only on the data, the backbone and its weights, the
+Stage 1 (:func:`roli_sweep.core.trial.run_probe`) depends only on the data, the backbone and its weights, the
 probe, training-attack and validation settings, the random head it starts from, the device, the
 precision and the seed, never on the finetuning settings (stage 2 reseeds every RNG, so a trial that
 takes a cached probe gives the same metrics as one that computed it). :func:`probe_key` hashes exactly
@@ -10,7 +10,7 @@ its state folder.
 
 Concurrent trials that need the same probe compute it once: the first takes a file lock
 (``filelock``, which Ray itself uses) and computes, the others wait for the lock and then read the
-file. Each entry is ``<key>.safetensors`` (:class:`roli_sweep.trial.ProbeOutcome`, written atomically)
+file. Each entry is ``<key>.safetensors`` (:class:`ProbeOutcome`, written atomically)
 with the seconds it took in its metadata, so a cached probe reports the compute it saved.
 """
 from __future__ import annotations
@@ -19,15 +19,45 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from filelock import FileLock
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from roli_sweep.config import TrialConfig
 
 if TYPE_CHECKING:
-    from roli_sweep.trial import ProbeOutcome
+    import torch
+
+
+@dataclass
+class ProbeOutcome:
+    """Stage 1's result: the head of its best robust epoch, and that epoch's val accuracies.
+
+    It depends only on the data, backbone, probe, attack and eval settings and the seed, not on the
+    finetuning settings, so a study computes it once and hands it to many trials (:func:`run_trial`).
+    """
+
+    head: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+    def save(self, path: Path) -> None:
+        """Write the head as safetensors with the metrics in its metadata."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.items()}, str(path),
+                  metadata={"metrics": json.dumps(self.metrics)})
+
+    @classmethod
+    def load(cls, path: Path) -> ProbeOutcome:
+        """Read what :meth:`save` wrote."""
+        with safe_open(str(path), framework="pt") as f:
+            head = {k: f.get_tensor(k) for k in f.keys()}
+            metrics = json.loads(f.metadata()["metrics"])
+        return cls(head, metrics)
+
 
 _WEIGHT_HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -85,15 +115,11 @@ class ProbeCache:
 
     def load(self, key: str) -> tuple[ProbeOutcome, float]:
         """The stored probe and the seconds it took to compute."""
-        from roli_sweep.trial import ProbeOutcome
-
         outcome = ProbeOutcome.load(self.path(key))
         return outcome, float(outcome.metrics.pop("probe_compute_seconds", 0.0))
 
     def store(self, key: str, outcome: ProbeOutcome, seconds: float) -> None:
         """Write an entry atomically (a reader never sees half a file)."""
-        from roli_sweep.trial import ProbeOutcome
-
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path(key).with_suffix(f".{os.getpid()}.tmp")
         ProbeOutcome(outcome.head, {**outcome.metrics, "probe_compute_seconds": seconds}).save(tmp)

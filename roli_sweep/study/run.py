@@ -10,10 +10,10 @@ difference). Test accuracies are never used for any choice.
 
 Stage 1 (the adversarial linear probe) depends only on backbone, target and seed, so it runs once
 per (backbone, target, seed) and is shared by every finetuning run, which starts from RNGs reseeded
-the same way whether or not it computed the probe itself (:func:`roli_sweep.trial.run_trial`).
+the same way whether or not it computed the probe itself (:func:`roli_sweep.core.trial.run_trial`).
 
 State lives in a folder (``<out>/<study name>/``): ``probes/<probe key>.safetensors`` (the probe cache a sweep
-uses, :mod:`roli_sweep.probe_cache`),
+uses, :mod:`roli_sweep.core.probe_cache`),
 ``runs/<id>.json`` and ``models/<id>/`` (the tested state), written as each job ends, so an interrupted study continues where it stopped
 and ``--only key=value`` filters run it in parts. Jobs run as Ray tasks (one CPU or GPU share
 each); every finished run also becomes an MLflow child run of the study's parent run.
@@ -25,11 +25,12 @@ import json
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 from roli_sweep.config import ConfigError, StudyConfig, TrialConfig
+from roli_sweep.records import FinalRecord, StudyJobRecord
 
 FILTER_KEYS = ("backbone", "target", "method", "head_init", "seed")
 
@@ -95,12 +96,12 @@ def _selected(key: ProbeKey | RunKey, filters: dict[str, set[str]]) -> bool:
 class StudyState:
     """The study's folder: finished probes and runs, read back on every resume.
 
-    The probes are a :class:`roli_sweep.probe_cache.ProbeCache` in ``probes/``, keyed by
-    :func:`roli_sweep.probe_cache.probe_key` of the probe's own settings, as a sweep keys its probes.
+    The probes are a :class:`roli_sweep.core.probe_cache.ProbeCache` in ``probes/``, keyed by
+    :func:`roli_sweep.core.probe_cache.probe_key` of the probe's own settings, as a sweep keys its probes.
     """
 
     def __init__(self, folder: Path, study: StudyConfig) -> None:
-        from roli_sweep.probe_cache import ProbeCache
+        from roli_sweep.core.probe_cache import ProbeCache
 
         self.folder, self.study = folder, study
         self.probes = ProbeCache(folder / "probes")
@@ -115,7 +116,7 @@ class StudyState:
                                 study.base.finetune.lr, key.seed)
 
     def probe_path(self, key: ProbeKey) -> Path:
-        from roli_sweep.probe_cache import probe_key
+        from roli_sweep.core.probe_cache import probe_key
 
         if key not in self._probe_keys:  # validating a config per call would dominate the scheduling loop
             self._probe_keys[key] = probe_key(self.probe_config(key))
@@ -132,26 +133,28 @@ class StudyState:
         """The final evaluation's record of a run (``final/<id>.json``; ``.state.json`` while it runs)."""
         return self.folder / "final" / f"{key.id}.json"
 
-    def final(self, key: RunKey) -> dict[str, Any] | None:
+    def final(self, key: RunKey) -> FinalRecord | None:
+        """The run's final evaluation, or None before it finished."""
         path = self.final_path(key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return FinalRecord.from_json(json.loads(path.read_text())) if path.is_file() else None
 
     def run_path(self, key: RunKey) -> Path:
         return self.folder / "runs" / f"{key.id}.json"
 
-    def result(self, key: RunKey) -> dict[str, Any] | None:
-        """The saved record of a run (``status`` completed or failed), or None if it never finished."""
+    def result(self, key: RunKey) -> StudyJobRecord | None:
+        """The saved record of a run (completed or failed), or None if it never finished."""
         path = self.run_path(key)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return StudyJobRecord.from_json(json.loads(path.read_text())) if path.is_file() else None
 
-    def save_result(self, key: RunKey, record: dict[str, Any]) -> None:
+    def save_result(self, key: RunKey, record: StudyJobRecord) -> None:
         tmp = self.run_path(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": asdict(key), **record}, indent=1))
+        tmp.write_text(json.dumps({"key": asdict(key), **record.to_json()}, indent=1))
         tmp.replace(self.run_path(key))  # atomic: a killed study never leaves half a record
 
     def completed(self, key: RunKey) -> dict[str, float] | None:
+        """A completed run's metrics, else None."""
         record = self.result(key)
-        return record["metrics"] if record and record["status"] == "completed" else None
+        return record.metrics if record is not None and not record.failed else None
 
 
 def selection_runs(study: StudyConfig) -> list[RunKey]:
@@ -182,8 +185,7 @@ def choose_lrs(study: StudyConfig, state: StudyState, group: tuple[str, str, str
             record = state.result(RunKey(backbone, target, method, init, lr, seed))
             if record is None:
                 return None
-            metrics = record.get("metrics") or {}
-            scores.setdefault(init, {})[lr] = metrics.get("val_robust_acc", -1.0)
+            scores.setdefault(init, {})[lr] = record.metrics.get("val_robust_acc", -1.0)
     own = {init: max(by_lr, key=by_lr.get) for init, by_lr in scores.items()}
     lrs = study.methods[method].lrs
     matched = max(lrs, key=lambda lr: statistics.fmean(scores[init][lr] for init in study.head_inits))
@@ -211,47 +213,55 @@ def final_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
             for init in study.head_inits]
 
 
-def _final_job(cfg_json: dict[str, Any], model_dir: str, final_path: str) -> dict[str, Any]:
-    from roli_sweep.final_eval import evaluate_and_check
-    from roli_sweep.trial import BEST_STATE_FILE, load_trained
+def _final_job(cfg: TrialConfig, model_dir: str, final_path: str) -> FinalRecord:
+    from roli_sweep.evaluation.final_eval import evaluate_and_check
+    from roli_sweep.core.trial import BEST_STATE_FILE, load_trained
 
     started = time.perf_counter()
     try:
-        cfg = TrialConfig.model_validate(cfg_json)
         model, splits, device = load_trained(cfg, Path(model_dir) / BEST_STATE_FILE)
         report = evaluate_and_check(model, splits.test, cfg, splits.num_classes, device,
                                     Path(final_path).with_suffix(".state.json"))
     except Exception:  # noqa: BLE001 - recorded; the other evaluations go on
-        return {"status": "failed", "error": traceback.format_exc(limit=5)}
-    return {"status": "completed", **report.record(), "seconds": time.perf_counter() - started}
+        return FinalRecord(error=traceback.format_exc(limit=5))
+    return replace(report.record(), seconds=time.perf_counter() - started)
 
 
-def _probe_job(cfg_json: dict[str, Any], cache_dir: str) -> dict[str, Any]:
-    from roli_sweep.probe_cache import ProbeCache, probe_key
-    from roli_sweep.trial import probe_and_test
+def _probe_job(cfg: TrialConfig, cache_dir: str) -> StudyJobRecord:
+    from roli_sweep.core.probe_cache import ProbeCache, probe_key
+    from roli_sweep.core.trial import probe_and_test
 
     started = time.perf_counter()
     try:
-        cfg = TrialConfig.model_validate(cfg_json)
         probe = probe_and_test(cfg)
     except Exception:  # noqa: BLE001 - reported; its runs are skipped in this invocation
-        return {"status": "failed", "error": traceback.format_exc(limit=5)}
-    ProbeCache(Path(cache_dir)).store(probe_key(cfg), probe, time.perf_counter() - started)
-    return {"status": "completed", "metrics": probe.metrics}
+        return StudyJobRecord(seconds=time.perf_counter() - started, error=traceback.format_exc(limit=5))
+    seconds = time.perf_counter() - started
+    ProbeCache(Path(cache_dir)).store(probe_key(cfg), probe, seconds)
+    return StudyJobRecord(probe.metrics, seconds)
 
 
-def _run_job(cfg_json: dict[str, Any], cache_dir: str, model_dir: str) -> dict[str, Any]:
-    from roli_sweep.probe_cache import ProbeCache, probe_key
-    from roli_sweep.trial import run_trial
+def _run_job(cfg: TrialConfig, cache_dir: str, model_dir: str) -> StudyJobRecord:
+    from roli_sweep.core.probe_cache import ProbeCache, probe_key
+    from roli_sweep.core.trial import run_trial
 
     started = time.perf_counter()
     try:
-        cfg = TrialConfig.model_validate(cfg_json)
         probe, _ = ProbeCache(Path(cache_dir)).load(probe_key(cfg))
         result = run_trial(cfg, probe=probe, checkpoint_dir=Path(model_dir))
     except Exception:  # noqa: BLE001 - a failed run is recorded and the study goes on
-        return {"status": "failed", "error": traceback.format_exc(limit=5), "seconds": time.perf_counter() - started}
-    return {"status": "completed", "metrics": result.metrics, "seconds": time.perf_counter() - started}
+        return StudyJobRecord(seconds=time.perf_counter() - started, error=traceback.format_exc(limit=5))
+    return StudyJobRecord(result.metrics, time.perf_counter() - started)
+
+
+class StudyObserver(Protocol):
+    """Told of every finished study job, in the driver (the MLflow recorder and the console's lines)."""
+
+    def on_probe(self, key: ProbeKey, record: StudyJobRecord) -> None: ...
+
+    def on_run(self, key: RunKey, record: StudyJobRecord) -> None: ...
+
+    def on_final(self, key: RunKey, record: FinalRecord) -> None: ...
 
 
 @dataclass
@@ -266,8 +276,7 @@ class StudyProgress:
 
 
 def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]],
-              on_run: Callable[[RunKey, dict[str, Any]], None], on_probe: Callable[[ProbeKey, dict[str, Any]], None],
-              on_final: Callable[[RunKey, dict[str, Any]], None], num_cpus: int | None = None,
+              observers: Sequence[StudyObserver], num_cpus: int | None = None,
               address: str | None = None, final: bool = True) -> StudyProgress:
     """Run every selected probe and run that has no completed record yet (failed runs are retried).
 
@@ -276,8 +285,8 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
     rest of this invocation (the next one tries it again). With ``final``, each cell's own-lr run
     with the first seed then gets the final evaluation (``base.eval.final``: clean, PGD with
     restarts, AutoAttack) and the masking checks, once every selected run is done; a failed one
-    is retried by the next invocation. ``on_run`` / ``on_probe`` are called in
-    this process as each job ends (logging to MLflow, printing).
+    is retried by the next invocation. Each of ``observers`` is told of every job as it ends, in this
+    process (the MLflow recorder, the console).
     """
     import ray
 
@@ -304,7 +313,7 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
         if final and not runs:
             finals = [("final", k) for k in final_runs(study, state) if _selected(k, filters)
                       and state.completed(k) is not None and k not in tried_finals
-                      and (state.final(k) or {}).get("status") != "completed"]
+                      and (state.final(k) is None or state.final(k).failed)]
         busy = set(in_flight.values())
         return [item for item in [("probe", k) for k in probes] + ready + finals if item not in busy]
 
@@ -317,13 +326,13 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
                     tried_finals.add(key)
                     cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
                     state.final_path(key).parent.mkdir(exist_ok=True)
-                    ref = final_task.remote(cfg.model_dump(mode="json"), str(state.model_dir(key)),
+                    ref = final_task.remote(cfg, str(state.model_dir(key)),
                                             str(state.final_path(key)))
                 elif kind == "probe":
-                    ref = probe_task.remote(state.probe_config(key).model_dump(mode="json"), str(state.probes.folder))
+                    ref = probe_task.remote(state.probe_config(key), str(state.probes.folder))
                 else:
                     cfg = study.run_config(key.backbone, key.target, key.method, key.head_init, key.lr, key.seed)
-                    ref = run_task.remote(cfg.model_dump(mode="json"), str(state.probes.folder),
+                    ref = run_task.remote(cfg, str(state.probes.folder),
                                           str(state.model_dir(key)))
                 in_flight[ref] = (kind, key)
             if not in_flight:
@@ -332,21 +341,24 @@ def run_study(study: StudyConfig, state: StudyState, filters: dict[str, set[str]
             kind, key = in_flight.pop(done[0])
             if kind == "final":
                 record = ray.get(done[0])
-                state.final_path(key).write_text(json.dumps(record, indent=1))
-                on_final(key, record)
+                state.final_path(key).write_text(json.dumps(record.to_json(), indent=1))
+                for observer in observers:
+                    observer.on_final(key, record)
                 progress.finals_done += 1
                 continue
             if kind == "probe":
                 record = ray.get(done[0])
-                if record["status"] == "failed":
+                if record.failed:
                     failed_probes.add(key)
-                on_probe(key, record)
+                for observer in observers:
+                    observer.on_probe(key, record)
                 progress.probes_run += 1
                 continue
             record = ray.get(done[0])
             state.save_result(key, record)
-            on_run(key, record)
-            if record["status"] == "completed":
+            for observer in observers:
+                observer.on_run(key, record)
+            if not record.failed:
                 progress.runs_completed += 1
             else:
                 progress.runs_failed += 1

@@ -13,13 +13,12 @@ nothing of Ray: it calls the ``on_epoch`` callable it is given.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,21 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from roli_sweep.config import StageConfig, TrialConfig, evaluation_attack
+from roli_sweep.config import TrialConfig, evaluation_attack
 from roli_sweep.data import DataSplits, load_splits
 from roli_sweep.models.backbone import NormalizedModel, build_backbone
 from roli_sweep.models.methods import METHODS, apply_method, freeze_all_but_head, trainable_parameter_count
-from roli_sweep.probe_cache import ProbeCache, probe_key
-from roli_sweep.train import (
-    DivergenceError,
-    Runtime,
-    adversarial_epoch,
-    evaluate,
-    make_loader,
-    make_optimizer,
-    make_runtime,
-    warmup_cosine,
-)
+from roli_sweep.core.probe_cache import ProbeCache, ProbeOutcome, probe_key
+from roli_sweep.core.stage import Stage, load_state, state_of
+from roli_sweep.core.train import Runtime, evaluate, make_loader, make_runtime
 
 OnEpoch = Callable[[str, dict[str, float]], None]
 """Called as ``on_epoch(stage, metrics)`` after every epoch; stage is ``"probe"`` or ``"finetune"``."""
@@ -65,112 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class TrialOutOfMemoryError(RuntimeError):
-    """CUDA ran out of memory in a trial; the message names the batch sizes and what to change."""
-
-
-def _state_of(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    """A detached copy of the named parameters and of every persistent buffer, as ``state_dict()`` holds them.
-
-    Non-persistent buffers (Swin's ``relative_position_index`` and ``attn_mask``) are not in
-    ``state_dict()`` and are rebuilt by the model itself, so they are never saved (torch
-    ``Module.register_buffer(persistent=False)``); the same code serves every timm model.
-    """
-    parameters = {n for n, _ in model.named_parameters()}
-    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names or n not in parameters}
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load what :func:`_state_of` saved: exactly the trainable parameters and persistent buffers of ``model``.
-
-    Raises:
-        RuntimeError: ``state`` holds keys the model does not have, or lacks one of its trainable
-            parameters or persistent buffers (names the first few).
-    """
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    parameters = {n for n, _ in model.named_parameters()}
-    expected = {n for n in model.state_dict() if n in trainable or n not in parameters}
-    result = model.load_state_dict(state, strict=False)
-    missing = sorted(expected - set(state))
-    if result.unexpected_keys or missing:
-        raise RuntimeError(f"{source} does not fit the model: unexpected {result.unexpected_keys[:5]}, "
-                           f"missing {missing[:5]}")
-
-
-class _Stage:
-    """Runs the epochs of one stage and remembers the trainable state of the best robust epoch."""
-
-    def __init__(self, model: nn.Module, stage: StageConfig, cfg: TrialConfig, splits: DataSplits,
-                 runtime: Runtime, seed: int, train_modules: list[nn.Module] | None = None) -> None:
-        self.model, self.stage, self.cfg, self.runtime = model, stage, cfg, runtime
-        self.train_modules = train_modules
-        self.eval_attack = evaluation_attack(cfg.attack, cfg.eval)
-        self.train_loader = make_loader(splits.train, stage.batch_size, shuffle=True, seed=seed, device=runtime.device)
-        self.val_loader = make_loader(splits.val, cfg.eval.batch_size, shuffle=False, seed=seed, device=runtime.device)
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer = make_optimizer(model, stage)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(stage, len(self.train_loader)))
-        self.best: dict[str, float] = {"val_robust_acc": -1.0}
-        self.best_state: dict[str, torch.Tensor] = {}
-        self.epoch = 0  # the last finished epoch
-
-    def state_dict(self) -> dict:
-        """Everything the next epoch depends on: trainable state, optimiser, schedule, best epoch so far, and the
-        RNGs (torch's global one for dropout, the attacks' generator, the data order's generator). Tensors and
-        plain containers only, so it loads with ``torch.load(weights_only=True)``."""
-        return {"epoch": self.epoch, "trainable": _state_of(self.model, self.trainable),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "best": dict(self.best), "best_state": self.best_state,
-                "rng": {"torch": torch.get_rng_state(), "attacks": self.runtime.generator.get_state(),
-                        "data_order": self.train_loader.generator.get_state()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after the epoch :meth:`state_dict` was taken at."""
-        _load_state(self.model, state["trainable"], "resume state")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best, self.best_state, self.epoch = state["best"], state["best_state"], state["epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
-        self.runtime.generator.set_state(state["rng"]["attacks"])
-        self.train_loader.generator.set_state(state["rng"]["data_order"])
-
-    def epochs(self, label: str) -> Iterator[dict[str, float]]:
-        """Run the epochs after :attr:`epoch`, yielding each one's metrics.
-
-        Raises:
-            DivergenceError: a non-finite loss or trainable parameter (the message names ``label``, the
-                epoch, the step and the lr).
-            TrialOutOfMemoryError: CUDA out of memory (the message names the batch sizes to lower).
-        """
-        for epoch in range(self.epoch + 1, self.stage.epochs + 1):
-            try:
-                stats = adversarial_epoch(self.model, self.train_loader, self.optimizer, self.scheduler,
-                                          self.cfg.attack, self.runtime, self.train_modules)
-                clean, robust = evaluate(self.model, self.val_loader, self.eval_attack, self.cfg.eval.val_steps,
-                                         self.runtime)
-            except DivergenceError as err:
-                raise DivergenceError(err.what, err.step, err.lr, f"{label} epoch {epoch}") from None
-            except torch.cuda.OutOfMemoryError as err:
-                raise TrialOutOfMemoryError(
-                    f"CUDA out of memory in {label} epoch {epoch} at batch size {self.stage.batch_size} "
-                    f"({label}.batch_size; validation at eval.batch_size {self.cfg.eval.batch_size}): lower them, "
-                    "train under precision: bf16, give each trial a whole GPU (resources.gpu: 1) or fewer trials per "
-                    f"GPU (max_concurrent) ({str(err).splitlines()[0][:200]})") from None
-            self.epoch = epoch
-            metrics = {"epoch": epoch, "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
-                       "lr": stats.lr, "train_images_per_s": stats.images_per_s,
-                       "val_clean_acc": clean, "val_robust_acc": robust}
-            if robust > self.best["val_robust_acc"]:
-                self.best = {"best_epoch": epoch, "val_clean_acc": clean, "val_robust_acc": robust}
-                self.best_state = _state_of(self.model, self.trainable)
-            metrics["best_val_robust_acc"] = self.best["val_robust_acc"]
-            metrics["best_val_clean_acc"] = self.best["val_clean_acc"]
-            yield metrics
-
-    def restore_best(self) -> None:
-        _load_state(self.model, self.best_state, "best-epoch state")
-
-
 @dataclass
 class Prepared:
     """A trial's model, data and RNG, ready for stage 1."""
@@ -179,32 +64,6 @@ class Prepared:
     splits: DataSplits
     runtime: Runtime
     initial_head: dict[str, torch.Tensor]
-
-
-@dataclass
-class ProbeOutcome:
-    """Stage 1's result: the head of its best robust epoch, and that epoch's val accuracies.
-
-    It depends only on the data, backbone, probe, attack and eval settings and the seed, not on the
-    finetuning settings, so a study computes it once and hands it to many trials (:func:`run_trial`).
-    """
-
-    head: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-
-    def save(self, path: Path) -> None:
-        """Write the head as safetensors with the metrics in its metadata."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.items()}, str(path),
-                  metadata={"metrics": json.dumps(self.metrics)})
-
-    @classmethod
-    def load(cls, path: Path) -> ProbeOutcome:
-        """Read what :meth:`save` wrote."""
-        with safe_open(str(path), framework="pt") as f:
-            head = {k: f.get_tensor(k) for k in f.keys()}
-            metrics = json.loads(f.metadata()["metrics"])
-        return cls(head, metrics)
 
 
 def prepare(cfg: TrialConfig) -> Prepared:
@@ -264,7 +123,7 @@ def finetune_train_modules(cfg: TrialConfig, model: nn.Module, backbone_modules:
 def run_probe(cfg: TrialConfig, prep: Prepared, on_epoch: OnEpoch) -> ProbeOutcome:
     """Stage 1: adversarial linear probing of the frozen backbone; leaves the best head in the model."""
     freeze_all_but_head(prep.model)
-    probe = _Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed,
+    probe = Stage(prep.model, cfg.probe, cfg, prep.splits, prep.runtime, cfg.seed,
                    train_modules=list(prep.model.head.modules()))
     for metrics in probe.epochs("probe"):
         on_epoch("probe", metrics)
@@ -304,7 +163,7 @@ def save_trained_state(model: nn.Module, folder: Path) -> Path:
     ``folder/best_state.safetensors``; the frozen rest comes back from the pretrained weights."""
     folder.mkdir(parents=True, exist_ok=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v.detach().cpu().contiguous() for k, v in _state_of(model, trainable).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state_of(model, trainable).items()}
     save_file(state, str(folder / BEST_STATE_FILE))
     return folder / BEST_STATE_FILE
 
@@ -320,14 +179,14 @@ def load_trained(cfg: TrialConfig, state_file: Path) -> tuple[nn.Module, DataSpl
     prep.model.to(prep.runtime.device)
     with safe_open(str(state_file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    _load_state(prep.model, state, str(state_file))
+    load_state(prep.model, state, str(state_file))
     return prep.model.eval(), prep.splits, prep.runtime.device
 
 
 PROBE_FILE = "probe.safetensors"
 RESUME_FILE = "resume.pt"
 """A trial's checkpoint folder: the stage-1 outcome (:class:`ProbeOutcome`), the stage-2 state after the last
-finished epoch (``torch.save`` of :meth:`_Stage.state_dict`, read with ``weights_only=True``) and, after the
+finished epoch (``torch.save`` of :meth:`roli_sweep.core.stage.Stage.state_dict`, read with ``weights_only=True``) and, after the
 last epoch, the tested state (:data:`BEST_STATE_FILE`)."""
 
 
@@ -345,7 +204,7 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     probe metrics with epoch 0, ``probe`` = ``computed`` / ``cached``, ``probe_key`` and ``probe_seconds``, the
     compute stage 1 took or, cached, saved)``. A ``probe`` computed earlier for the same data, backbone,
     probe and attack settings and seed replaces stage 1; so does the entry of ``probe_cache``
-    (:mod:`roli_sweep.probe_cache`), which computes and stores it when missing. Stage 2 starts from RNGs
+    (:mod:`roli_sweep.core.probe_cache`), which computes and stores it when missing. Stage 2 starts from RNGs
     reseeded with ``seed + 1`` either way, so all give the same result.
 
     With ``checkpoint_dir``, the trial keeps its checkpoint there (:data:`RESUME_FILE`), rewritten
@@ -390,7 +249,7 @@ def run_trial(cfg: TrialConfig, on_epoch: OnEpoch | None = None, probe: ProbeOut
     apply_method(prep.model, cfg.finetune.method, cfg.finetune.method_params)
     prep.model.to(prep.runtime.device)
     constants = {**probe.metrics, "trainable_params": trainable_parameter_count(prep.model)}
-    finetune = _Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1,
+    finetune = Stage(prep.model, cfg.finetune, cfg, prep.splits, prep.runtime, cfg.seed + 1,
                       finetune_train_modules(cfg, prep.model, backbone_modules))
     seconds_before = 0.0
     if resumed is not None:
