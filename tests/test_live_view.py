@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from roli_sweep.console import ProgressLines
@@ -228,6 +229,7 @@ def run_in_terminal(command: list[str], cwd: Path, env: dict[str, str], timeout:
     return process.wait(timeout=30), out.decode("utf-8", "replace"), resumed
 
 
+@pytest.mark.extended
 def test_a_sweep_on_a_lagging_terminal_draws_the_table_and_every_trial_finishes(tmp_path, space_dict):
     from mlflow.tracking import MlflowClient
 
