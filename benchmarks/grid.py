@@ -11,7 +11,8 @@ CPUs per trial, the same accounting as a sweep's ``compute_trials_s``.
         --values finetune.method_params.r=4,8,16
 
 A key not given keeps the space's ``base`` value; ``--points N`` instead spans every parameter of the space
-(N points per numeric range, every categorical value).
+(N points per numeric range, every categorical value; a space with ``arms`` is spanned arm by arm, each
+conditional range by its arm's case).
 """
 from __future__ import annotations
 
@@ -69,18 +70,34 @@ def one_step_outside(spec: ParameterSpec, points: int) -> tuple[float, float]:
     return spec.min - step, spec.max + step
 
 
-def space_grid(space: SearchSpace, points: int) -> dict[str, list[Any]]:
-    """Every categorical value and ``points`` values per numeric range of ``space``."""
-    return {key: list(spec.values) if spec.values is not None else numeric_points(spec, points)
-            for key, spec in space.parameters.items()}
+def _plain(space: SearchSpace, arm: Any) -> dict[str, ParameterSpec]:
+    """The space's parameters within one arm: a conditional one as its case for ``arm``."""
+    plain = {}
+    for key, spec in space.parameters.items():
+        if spec.given is not None and spec.given != space.arms:
+            raise SystemExit(f"{key}: a grid spans conditional ranges on the arms only, not on {spec.given}")
+        plain[key] = spec.resolve({space.arms: arm}) if spec.given is not None else spec
+    return plain
+
+
+def space_grids(space: SearchSpace, points: int) -> list[tuple[Any, dict[str, list[Any]]]]:
+    """Per arm (one ``None`` entry without arms), ``(arm value, grid)``: the arm's own value, every other
+    categorical value and ``points`` values per numeric range (a conditional range: the arm's case)."""
+    grids = []
+    for arm in space.arm_values():
+        grid = {key: list(spec.values) if spec.values is not None else numeric_points(spec, points)
+                for key, spec in _plain(space, arm).items()}
+        if space.arms:
+            grid[space.arms] = [arm]
+        grids.append((arm, grid))
+    return grids
 
 
 def outside_grids(space: SearchSpace, points: int) -> list[dict[str, list[Any]]]:
-    """Per numeric parameter, the grid with that parameter one step outside each bound and the others as in
-    :func:`space_grid`."""
-    inside = space_grid(space, points)
-    return [inside | {key: list(one_step_outside(spec, points))}
-            for key, spec in space.parameters.items() if spec.values is None]
+    """Per arm and numeric parameter, the arm's grid with that parameter one step outside each bound and the others
+    as in :func:`space_grids`."""
+    return [grid | {key: list(one_step_outside(spec, points))} for arm, grid in space_grids(space, points)
+            for key, spec in _plain(space, arm).items() if spec.values is None]
 
 
 def size(grid: dict[str, list[Any]]) -> int:
@@ -170,19 +187,21 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args()
     space = load_search_space(args.space)
-    grid = space_grid(space, args.points) if args.points else {}
+    grids = [grid for _, grid in space_grids(space, args.points)] if args.points else [{}]
     for item in args.values:
         key, _, values = item.partition("=")
-        grid[key] = [_value(v) for v in values.split(",")]
-    if not grid:
+        for grid in grids:
+            grid[key] = [_value(v) for v in values.split(",")]
+    if not any(grids):
         parser.error("give --values or --points")
     name = f"grid-{args.space.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"{size(grid)} whole trials of {args.space}: {grid}", flush=True)
+    print(f"{sum(map(size, grids))} whole trials of {args.space}: {grids}", flush=True)
     started = time.perf_counter()
     with logs_to_file(args.out.resolve() / f"{name}.log"):
         start_local_runtime(args.out.resolve(), args.num_cpus)
         try:
-            points = run_grid(space, grid, args.out.resolve(), name, args.out.resolve() / "probe_cache")
+            points = [p for i, grid in enumerate(grids)
+                      for p in run_grid(space, grid, args.out.resolve(), f"{name}-{i}", args.out.resolve() / "probe_cache")]
         finally:
             stop_local_runtime(args.out.resolve())
     print_points(points)

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from roli_sweep.messages import shown
-from roli_sweep.names import name_problem
+from roli_sweep.names import case_key, name_problem
 from roli_sweep.yaml_input import YamlInputError, read_yaml_mapping
 
 
@@ -385,15 +385,33 @@ class PretrainConfig(_Strict):
 
 
 class ParameterSpec(_Strict):
-    """How one dotted-path parameter is sampled: ``values`` (categorical) or a distribution with ``min``/``max``."""
+    """How one dotted-path parameter is sampled: ``values`` (categorical), a distribution with ``min``/``max``, or,
+    conditional, one of those per value of another categorical parameter: ``given`` names it and ``cases`` maps each
+    of its values (as written in YAML, e.g. ``roli``) to the spec used when it takes that value. A conditional range
+    is how each arm gets its own learning rate: ``finetune.lr: {given: finetune.head_init, cases: {roli: ...,
+    random: ...}}`` (RoLI usually wants a 5-100x lower finetuning lr than RanLI, ``../shared/PAPER.md``)."""
 
     values: list[Any] | None = None
     distribution: Literal["uniform", "log_uniform_values", "int_uniform"] | None = None
     min: float | None = None
     max: float | None = None
+    given: str | None = Field(None, description="the categorical parameter whose value picks the case")
+    cases: dict[str, ParameterSpec] | None = Field(None, description="value of 'given' -> the spec used then")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParameterSpec:
+        if (self.given is None) != (self.cases is None):
+            raise ValueError("a conditional parameter needs both 'given' (the parameter it depends on) and 'cases'")
+        if self.given is not None:
+            if self.values is not None or self.distribution is not None or self.min is not None or self.max is not None:
+                raise ValueError("a conditional parameter takes 'given' and 'cases' only; put 'values' or "
+                                 "'distribution' inside each case")
+            if not self.cases:
+                raise ValueError("'cases' must not be empty")
+            nested = [key for key, case in self.cases.items() if case.given is not None]
+            if nested:
+                raise ValueError(f"cases {nested}: a case cannot be conditional itself")
+            return self
         if (self.values is None) == (self.distribution is None):
             raise ValueError("give either 'values: [...]' or 'distribution' with 'min' and 'max'")
         if self.values is not None:
@@ -412,8 +430,28 @@ class ParameterSpec(_Strict):
             raise ValueError(f"int_uniform needs integer min and max, got {self.min} and {self.max}")
         return self
 
+    def variants(self) -> list[tuple[dict[str, Any], ParameterSpec]]:
+        """``(condition, spec)`` pairs: ``[({}, self)]`` for a plain parameter, ``[({given: value}, case), ...]`` for a
+        conditional one (the condition's value as the case key: the search space checks the keys against the
+        values of ``given``)."""
+        if self.given is None:
+            return [({}, self)]
+        return [({self.given: key}, case) for key, case in self.cases.items()]
+
+    def resolve(self, chosen: dict[str, Any]) -> ParameterSpec:
+        """The plain spec in force when the other parameters took ``chosen``: ``self``, or the case of
+        ``chosen[given]``.
+
+        Raises:
+            KeyError: ``given`` is missing from ``chosen`` or its value has no case.
+        """
+        return self if self.given is None else self.cases[case_key(chosen[self.given])]
+
     def candidates(self) -> list[Any]:
-        """Values that must all give a valid trial config: every categorical value, or the bounds and an inner point."""
+        """Values that must all give a valid trial config: every categorical value, or the bounds and an inner point
+        (for a conditional parameter, see :meth:`variants`: each case has its own)."""
+        if self.given is not None:
+            raise TypeError("a conditional parameter's candidates are its cases' (ParameterSpec.variants)")
         if self.values is not None:
             return list(self.values)
         if self.distribution == "int_uniform":
@@ -467,8 +505,21 @@ class SchedulerConfig(_Strict):
     max_t: PositiveInt | None = Field(None, description="last epoch ASHA counts; must equal finetune.epochs (None = that)")
 
 
+class ConfirmConfig(_Strict):
+    """After the search, each arm's best configurations rerun as whole trials over more seeds and tested, so the
+    reported difference between arms is a mean over seeds with a paired interval, not one seed's draw."""
+
+    seeds: int = Field(3, ge=0, le=1000, description="S: the seeds base.seed + 1 .. base.seed + S, each a whole "
+                       "trial per confirmed configuration, paired across arms; the search's own seed is never one "
+                       "of them; 0 = no confirmation")
+    top_k: PositiveInt = Field(1, le=100, description="each arm's best k completed trials by val robust accuracy "
+                               "are confirmed")
+
+
 class SearchSpace(_Strict):
-    """A study: a base trial config, the parameters to sample, the metric, the budget and the scheduler."""
+    """A study: a base trial config, the parameters to sample, the metric, the budget and the scheduler; optionally
+    the categorical parameter whose values are its arms (each searched on its own, with an equal budget) and the
+    confirmation of each arm's best over more seeds."""
 
     name: Name = Field(description="study name; the MLflow experiment and the default sweep name's start "
                       "(roli_sweep.names: letters, digits, '_', '.', '-')")
@@ -480,11 +531,17 @@ class SearchSpace(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     final_top_k: int = Field(1, ge=0, le=INT_MAX, description="after the sweep, the best k completed trials by val robust "
                              "accuracy get the final evaluation (base.eval.final) and masking checks; 0 = none")
+    arms: str | None = Field(None, description="a categorical parameter (e.g. finetune.head_init): each of its "
+                             "values is an arm with its own Optuna study, num_samples / arms trials and its own ASHA "
+                             "brackets; the sweep reports each arm's best and compares the arms")
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     base: TrialConfig
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpace:
+        self._check_conditions()
+        self._check_arms()
         epochs = self.base.finetune.epochs
         max_t = self.scheduler.max_t or epochs
         if max_t != epochs:
@@ -501,7 +558,59 @@ class SearchSpace(_Strict):
                 f"(base.finetune.warmup_epochs = {self.base.finetune.warmup_epochs}): "
                 "ASHA would compare trials before they train (../shared/PAPER.md)"
             )
+        if self.confirm.seeds and "seed" in self.parameters:
+            raise ValueError("parameters.seed: the confirmation reruns the best trials over new seeds, so the seed "
+                             "cannot be sampled too; drop it or set confirm.seeds: 0")
+        if self.base.seed + self.confirm.seeds > SEED_MAX:
+            raise ValueError(f"confirm.seeds ({self.confirm.seeds}): base.seed + seeds exceeds the largest seed "
+                             f"{SEED_MAX}")
         return self
+
+    def _check_conditions(self) -> None:
+        for key, spec in self.parameters.items():
+            if spec.given is None:
+                continue
+            where = f"parameters.{key}.given"
+            given = self.parameters.get(spec.given)
+            if given is None or spec.given == key:
+                raise ValueError(f"{where}: {shown(spec.given)} is not another sampled parameter; allowed: "
+                                 f"{sorted(k for k in self.parameters if k != key)}")
+            if given.values is None:
+                raise ValueError(f"{where}: {spec.given} must be categorical ('values: [...]') to pick a case")
+            wanted = [case_key(v) for v in given.values]
+            missing = [k for k in wanted if k not in spec.cases]
+            extra = [k for k in spec.cases if k not in wanted]
+            if missing or extra:
+                raise ValueError(f"parameters.{key}.cases: keys {sorted(spec.cases)} must be the values of "
+                                 f"{spec.given}, {wanted}" + (f"; missing {missing}" if missing else "")
+                                 + (f"; not values of it {extra}" if extra else ""))
+
+    def _check_arms(self) -> None:
+        if self.arms is None:
+            return
+        spec = self.parameters.get(self.arms)
+        if spec is None or spec.values is None:
+            raise ValueError(f"arms: {shown(self.arms)} must be a categorical sampled parameter "
+                             f"('values: [...]'); categorical here: "
+                             f"{sorted(k for k, v in self.parameters.items() if v.values is not None)}")
+        if len({case_key(v) for v in spec.values}) != len(spec.values) or len(spec.values) < 2:
+            raise ValueError(f"arms: {self.arms} needs at least two distinct values, got {spec.values}")
+        if self.num_samples % len(spec.values):
+            raise ValueError(f"num_samples ({self.num_samples}) must be a multiple of the {len(spec.values)} arms "
+                             f"of {self.arms}, so that each arm gets the same number of trials")
+
+    def arm_values(self) -> list[Any]:
+        """The arms' values in the order written (``[None]``: no arms, one search over everything)."""
+        return list(self.parameters[self.arms].values) if self.arms else [None]
+
+    def conditions(self, key: str) -> list[tuple[dict[str, Any], ParameterSpec]]:
+        """``(condition, plain spec)`` of parameter ``key``: ``[({}, spec)]``, or per case of a conditional one
+        ``({given: the value itself}, case)`` (e.g. ``({"finetune.head_init": "roli"}, ...)``)."""
+        spec = self.parameters[key]
+        if spec.given is None:
+            return [({}, spec)]
+        values = {case_key(v): v for v in self.parameters[spec.given].values}
+        return [({spec.given: values[k]}, case) for k, case in spec.cases.items()]
 
     def trial_config(self, sampled: dict[str, Any]) -> TrialConfig:
         """The base config with ``sampled`` ({dotted path: value}) filled in, validated.
@@ -700,16 +809,18 @@ def parse_search_space(tree: dict[str, Any], source: str) -> SearchSpace:
     except ValidationError as err:
         raise ConfigError(f"{source}:\n{_describe(err)}") from None
     problems = []
-    for dotted, spec in space.parameters.items():
+    for dotted in space.parameters:
         threat_models = set()
-        for value in spec.candidates():
-            try:
-                cfg = space.trial_config({dotted: value})
-            except ConfigError as err:
-                problems.append(f"parameters.{dotted}: value {shown(value)}: {err}".split("\n(while")[0])
-                continue
-            threat = evaluation_attack(cfg.attack, cfg.eval).model_dump_json()
-            threat_models.add((threat, cfg.eval.val_steps, cfg.eval.test_steps))
+        for condition, spec in space.conditions(dotted):
+            for value in spec.candidates():
+                try:
+                    cfg = space.trial_config({**condition, dotted: value})
+                except ConfigError as err:
+                    when = "".join(f" (when {k} is {shown(v)})" for k, v in condition.items())
+                    problems.append(f"parameters.{dotted}{when}: value {shown(value)}: {err}".split("\n(while")[0])
+                    continue
+                threat = evaluation_attack(cfg.attack, cfg.eval).model_dump_json()
+                threat_models.add((threat, cfg.eval.val_steps, cfg.eval.test_steps))
         if len(threat_models) > 1:
             problems.append(
                 f"parameters.{dotted}: sampling it changes the evaluation threat model, so trials would be "

@@ -154,8 +154,8 @@ def print_sweep_end(console: Console, outcome, space) -> None:
     """The end of a sweep (:class:`roli_sweep.records.SweepOutcome` of ``space``): every trial's sampled values,
     status and accuracies at its best val robust epoch; the best trial; the final evaluation of the best trials
     with its threat model as the field writes it and the masking checks (warnings in red); every analysis'
-    finding (its warnings and table: range edges, Pareto front, importance); where the compute went; and the
-    failures, each with its own reason."""
+    finding (its warnings, table and notes: each arm's best, range edges, Pareto front, importance, the
+    confirmation's comparison); where the compute went; and the failures, each with its own reason."""
     from roli_sweep.config import evaluation_attack
 
     threat = evaluation_attack(space.base.attack, space.base.eval)
@@ -211,12 +211,15 @@ def print_sweep_end(console: Console, outcome, space) -> None:
             for row in rows:
                 table.add_row(*row)
             console.print(table)
+        for note in found.notes:
+            console.print(note, soft_wrap=True, markup=False)
     if outcome.compute:
         c = outcome.compute
-        console.print(f"compute: trials {c['compute_trials_s']:.0f} core-s, final evaluation "
+        console.print(f"compute: trials {c['compute_trials_s']:.0f} core-s, confirmation "
+                      f"{c.get('compute_confirmation_s', 0.0):.0f} core-s, final evaluation "
                       f"{c['compute_final_eval_s']:.0f} core-s, saved by cached probes {c['compute_probe_saved_s']:.0f} "
                       f"core-s; idle {100 * c['idle_fraction']:.0f} % of the CPUs over {clock(c['wall_s'])}")
-    for row in outcome.rows:
+    for row in [*outcome.rows, *outcome.confirmation]:
         if row.error:
             console.print(marked("[red]trial {} failed:[/] {}", row.trial_id, row.error))
 

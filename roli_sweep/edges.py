@@ -38,9 +38,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def edge_warnings(parameters: dict[str, ParameterSpec],
-                  scored: Sequence[tuple[dict[str, Any], float]]) -> list[EdgeWarning]:
-    """The warnings for a sweep's completed trials, ``(sampled values, best val robust accuracy)`` each.
+def edge_warnings(parameters: dict[str, ParameterSpec], scored: Sequence[tuple[dict[str, Any], float]],
+                  where: str = "") -> list[EdgeWarning]:
+    """The warnings for a sweep's completed trials, ``(sampled values, best val robust accuracy)`` each, against
+    plain ``parameters`` (a conditional one is checked case by case, with ``where`` naming the case or the arm:
+    ``"RoLI's "``, which starts each message).
 
     Nothing is said with fewer than 3 completed trials.
     """
@@ -60,7 +62,7 @@ def edge_warnings(parameters: dict[str, ParameterSpec],
             for bound, end in (("max", ordered[-1]), ("min", ordered[0])):
                 if all(v == end for v in values):
                     warnings.append(EdgeWarning(name, bound, (
-                        f"{name}: the best {len(values)} completed trials all take its {'largest' if bound == 'max' else 'smallest'} "
+                        f"{where}{name}: the best {len(values)} completed trials all take its {'largest' if bound == 'max' else 'smallest'} "
                         f"value {_fmt(end)} (values {ordered}); add a {'larger' if bound == 'max' else 'smaller'} one")))
             continue
         positions = [_position(float(v), spec) for v in values]
@@ -73,7 +75,7 @@ def edge_warnings(parameters: dict[str, ParameterSpec],
                 if spec.distribution == "int_uniform":
                     new = int(round(new))
                 warnings.append(EdgeWarning(name, bound, (
-                    f"{name}: range [{_fmt(spec.min)}, {_fmt(spec.max)}]"
+                    f"{where}{name}: range [{_fmt(spec.min)}, {_fmt(spec.max)}]"
                     f"{' (log)' if log else ''}: the best trials ran at {', '.join(_fmt(float(v)) for v in values)}, "
                     f"{sum(map(at_edge, positions))} of {len(values)} in the outer tenth at its {bound}; move {bound} "
                     f"to {_fmt(new)}")))

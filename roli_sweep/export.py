@@ -13,6 +13,7 @@ a file that exists already is overwritten only with ``force``; each file is writ
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import tempfile
 import uuid
@@ -136,14 +137,16 @@ def _write_whole(path: Path, text: str) -> None:
 
 
 def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path, force: bool = False) -> list[Path]:
-    """Write the ``top_k`` completed trials of ``sweep``, best validation robust accuracy first.
+    """Write the ``top_k`` completed search trials of ``sweep`` (of each arm when it has arms), best validation robust
+    accuracy first. Confirmation runs are not exported: they repeat a search trial's config with another seed.
 
     Args:
         force: overwrite files of the same names; without it, any existing one stops the export before
             anything is written.
 
     Returns:
-        The written paths, ``<out_dir>/<sweep>-rank<i>-<trial_id>.yaml``.
+        The written paths, ``<out_dir>/<sweep>-rank<i>-<trial_id>.yaml`` (with arms
+        ``<sweep>-<arm>-rank<i>-<trial_id>.yaml``, e.g. ``s1-RoLI-rank1-3f2a.yaml``).
 
     Raises:
         ExportError: a sweep name that is not allowed, no such local store, an unknown sweep, no completed
@@ -164,18 +167,25 @@ def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path, force:
     except MlflowException as err:
         raise ExportError(f"cannot open the MLflow store at {tracking_uri}: {err.message}") from None
     parent = find_parent_run(client, sweep)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=(f"tags.mlflow.parentRunId = {filter_value(parent.info.run_id)} "
-                       f"and tags.status = {filter_value('completed')}"),
-        order_by=["metrics.best_val_robust_acc DESC"], max_results=top_k)
-    if not children:
+    arms = [a for a in parent.data.params.get("arm_labels", "").split(",") if a]
+    selected = []  # (file name prefix, rank, run): the top k of each arm, or of the sweep
+    for arm in arms or [None]:
+        where = f" and tags.arm = {filter_value(arm)}" if arm else ""
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=(f"tags.mlflow.parentRunId = {filter_value(parent.info.run_id)} and tags.status = "
+                           f"{filter_value('completed')} and tags.{ROLE_TAG} = {filter_value('trial')}{where}"),
+            order_by=["metrics.best_val_robust_acc DESC"], max_results=top_k)
+        prefix = f"{sweep}-{re.sub(r'[^A-Za-z0-9_.-]', '-', arm)}" if arm else sweep
+        selected += [(prefix, rank, run) for rank, run in enumerate(runs, start=1)]
+    if not selected:
         raise ExportError(f"sweep {sweep!r} has no completed trial to export")
+    children = [run for _, _, run in selected]
 
     trial_ids = [run.data.tags.get("trial_id", run.info.run_id) for run in children]
     safe = [name_problem(trial_id) is None for trial_id in trial_ids]  # Ray's are; else the run id names the file
-    targets = [out_dir / f"{sweep}-rank{rank}-{trial_id if ok else run.info.run_id}.yaml"
-               for rank, (run, trial_id, ok) in enumerate(zip(children, trial_ids, safe), start=1)]
+    targets = [out_dir / f"{prefix}-rank{rank}-{trial_id if ok else run.info.run_id}.yaml"
+               for (prefix, rank, run), trial_id, ok in zip(selected, trial_ids, safe)]
     not_files = [p for p in targets if p.exists() and not p.is_file()]
     if not_files:
         raise ExportError(f"--out: {out_dir} holds folders named as the files to write: {_listed(not_files)}")
@@ -185,7 +195,7 @@ def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path, force:
                           f"({_listed(existing)}); --force overwrites them")
 
     texts = []
-    for rank, (run, trial_id, ok) in enumerate(zip(children, trial_ids, safe), start=1):
+    for (prefix, rank, run), trial_id, ok in zip(selected, trial_ids, safe):
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 logged = client.download_artifacts(run.info.run_id, TRIAL_CONFIG_ARTIFACT, tmp)
@@ -194,7 +204,9 @@ def export_best(tracking_uri: str, sweep: str, top_k: int, out_dir: Path, force:
                                   f"{TRIAL_CONFIG_ARTIFACT}: {err}") from None
             config_text = Path(logged).read_text(encoding="utf-8")  # the resolved config, validated when it ran
         m = run.data.metrics
-        header = (f"# sweep {sweep}, rank {rank} of {len(children)} by best val_robust_acc\n"
+        of = sum(p == prefix for p, _, _ in selected)
+        arm = f", arm {run.data.tags['arm']}" if "arm" in run.data.tags and arms else ""
+        header = (f"# sweep {sweep}{arm}, rank {rank} of {of} by best val_robust_acc\n"
                   f"# trial {trial_id if ok else repr(trial_id)}, MLflow run {run.info.run_id}\n"
                   f"# val clean {m.get('best_val_clean_acc', float('nan')):.4f}, "
                   f"val robust {m.get('best_val_robust_acc', float('nan')):.4f}, "

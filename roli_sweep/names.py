@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from typing import Any
+
+import yaml
 
 MAX_LENGTH = 100
 """Longest name allowed: well inside a file name's 255 bytes once a sweep adds ``-rank3-<trial id>.yaml``."""
@@ -43,3 +46,24 @@ def check_name(value: str, key: str) -> str:
 def default_sweep_name(space_name: str) -> str:
     """``<space name>-<YYYYmmdd-HHMMSS>``, the space's name cut so that the whole stays an allowed name."""
     return f"{space_name[:MAX_LENGTH - 16]}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def case_key(value: Any) -> str:
+    """How a categorical value names a case of a conditional parameter or an arm: as YAML writes it (``roli``,
+    ``8``, ``true``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def study_name(sweep: str, arm: Any = None) -> str:
+    """The Optuna study of a sweep, or of one of its arms: ``<sweep>.<arm>`` (:func:`case_key`)."""
+    return sweep if arm is None else f"{sweep}.{case_key(arm)}"
+
+
+ARM_NAMES = {("finetune.head_init", "roli"): "RoLI", ("finetune.head_init", "random"): "RanLI"}
+
+
+def arm_label(arms: str | None, value: Any) -> str:
+    """How an arm is named to the user: RoLI / RanLI for ``finetune.head_init``, else ``<parameter>=<value>``."""
+    if arms is None:
+        return "all trials"
+    return ARM_NAMES.get((arms, case_key(value)), f"{arms.split('.')[-1]}={case_key(value)}")

@@ -69,6 +69,31 @@ def plot_metric_vs_lr(points: Sequence[tuple[float, float, str, bool]], path: Pa
     return _save(fig, path)
 
 
+def plot_paired_seeds(comparison, path: Path, title: str) -> Path:
+    """The confirmation seed by seed (a :class:`roli_sweep.comparison.Comparison`): one panel per metric (test clean,
+    test robust), each arm's rank-1 configuration a column of points, one line per seed joining its arms' values,
+    the arm's mean as a bar; writes a PNG."""
+    arms = [arm for arm in comparison.arms if arm.rank == 1]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=120)
+    for ax, metric in zip(axes, ("test_clean_acc", "test_robust_acc")):
+        for seed in comparison.seeds:
+            xs = [i for i, arm in enumerate(arms) if seed in arm.runs]
+            ys = [getattr(arms[i].runs[seed], metric) for i in xs]
+            ax.plot(xs, ys, "o-", color="0.5", alpha=0.7)
+            if ys:
+                ax.annotate(f"seed {seed}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 0), fontsize=7)
+        for i, arm in enumerate(arms):
+            found = arm.mean_std(metric)
+            if found:
+                ax.hlines(found[0], i - 0.2, i + 0.2, color="tab:red", linewidth=2)
+        ax.set_xticks(range(len(arms)), [arm.arm for arm in arms])
+        ax.set_xlim(-0.5, len(arms) - 0.5)
+        ax.set_ylabel(metric.replace("_acc", " accuracy").replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: per seed (lines), mean (bars)", fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)

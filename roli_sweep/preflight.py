@@ -253,8 +253,9 @@ def check_sweep(args: Namespace) -> tuple[SearchSpace, str]:
     space = load_search_space(args.space)
     overrides = {k: v for k, v in (("num_samples", args.num_samples), ("max_concurrent", args.max_concurrent)) if v}
     space = space.model_copy(update=overrides)
-    inputs = [space.base] + [space.trial_config({key: value}) for key, spec in space.parameters.items()
-                             if key.startswith(("data.", "backbone.")) for value in spec.candidates()]
+    inputs = [space.base] + [space.trial_config({**condition, key: value}) for key in space.parameters
+                             if key.startswith(("data.", "backbone.")) for condition, spec in space.conditions(key)
+                             for value in spec.candidates()]
     check_inputs(inputs)
     if args.resume or args.seed_from:
         _check_continuation(args, space)

@@ -179,8 +179,9 @@ def eps_fraction(eps: float) -> str:
 @dataclass
 class Finding:
     """One end-of-sweep analysis' result (:mod:`roli_sweep.analysis`): what the parent run logs (``metrics``,
-    ``tags``, the PNG ``figure`` drawn by ``plot(path)``) and what the console prints (``warnings`` in yellow,
-    each ``(label, message)``, and a ``table``: title, column names, rows of strings)."""
+    ``tags``, the PNG ``figure`` drawn by ``plot(path)``, a ``text`` artifact) and what the console prints
+    (``warnings`` in yellow, each ``(label, message)``, a ``table``: title, column names, rows of strings, and
+    ``notes``)."""
 
     name: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -189,6 +190,10 @@ class Finding:
     table: tuple[str, list[str], list[list[str]]] | None = None
     figure: str | None = None
     plot: Callable[[Path], Any] | None = None
+    text: tuple[str, str] | None = None
+    """An artifact of the parent run: ``(file name, its text)``, e.g. ``comparison.md``."""
+    notes: list[str] = field(default_factory=list)
+    """Plain lines the console prints after the table."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,8 @@ class TrialRow:
     error: str | None = None
     checkpoint: str | None = None
     final: FinalRecord | None = None  # the final evaluation (top-k trials only)
+    seconds: float = 0.0
+    """The trial's Ray Tune ``time_total_s`` (wall seconds of its own actor)."""
 
 
 @dataclass
@@ -235,6 +242,10 @@ class SweepOutcome:
     """Where the compute went (:func:`compute_accounting`); None when the sweep did not finish."""
     findings: list[Finding] = field(default_factory=list)
     """What the end-of-sweep analyses found (:mod:`roli_sweep.analysis`), in their registration order."""
+    confirmed: list[tuple[str, int, TrialRow]] = field(default_factory=list)
+    """The search trials the confirmation reran: ``(arm label, rank in its arm from 1, row)``."""
+    confirmation: list[TrialRow] = field(default_factory=list)
+    """The confirmation runs (``sampled``: the confirmed trial's values and ``seed``)."""
 
     def all_failed(self) -> bool:
         """Trials ran and every one of them failed."""

@@ -4,7 +4,14 @@ Each Ray Tune trial runs :func:`roli_sweep.core.trial.run_trial` on the search s
 the sampled values filled in, reporting once per finetune epoch with a checkpoint
 (:mod:`roli_sweep.tune.trainable`); ASHA's ``time_attr`` is that ``epoch``, so rungs count finetune
 epochs (grace period first). Trials that raise or diverge are recorded as failed, with their own
-exception, and the sweep goes on. The Optuna study is stored in ``<storage>/<sweep>/optuna.db``.
+exception, and the sweep goes on. The Optuna study is stored in ``<storage>/<sweep>/optuna.db``. A space with
+``arms`` searches each arm in its own study with its own ASHA brackets and an equal share of the trials
+(:class:`~roli_sweep.tune.searcher.ArmedSearch`, :class:`~roli_sweep.tune.scheduler.ArmedScheduler`).
+
+After the search, each arm's best ``confirm.top_k`` completed trials are rerun as whole trials over the seeds
+``base.seed + 1 .. base.seed + confirm.seeds`` (the confirmation: a second Ray Tune experiment in
+``<storage>/<sweep>/confirmation``, child runs tagged ``sweep_role=confirmation``), and the arms are compared seed
+by seed (:mod:`roli_sweep.comparison`); then each arm's best ``final_top_k`` get the final evaluation.
 
 Ctrl+C stops the trials after their current step (Ray Tune's graceful stop), marks the parent run and
 the unfinished child runs KILLED with tag ``status=interrupted``, skips the final evaluation and
@@ -26,22 +33,22 @@ import ray
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from roli_sweep.analysis import SweepFacts, analyse_sweep
-from roli_sweep.config import ParameterSpec, SearchSpace, TrialConfig, apply_overrides
+from roli_sweep.names import arm_label, case_key, study_name
+from roli_sweep.config import SearchSpace, TrialConfig, apply_overrides
 from roli_sweep.console import FinalProgress
 from roli_sweep.records import SweepOutcome, TrialRow, TrialState
 from roli_sweep.tracking import log_sweep_end, mark_interrupted, start_parent_run, trial_status
 from roli_sweep.tune.auth_token import make_token_private
-from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback
+from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, config_fingerprint
 from roli_sweep.tune.failures import failure_reason
 from roli_sweep.tune.final_pool import FinalJob, run_final_jobs
 from roli_sweep.tune.interrupt import Interruption
 from roli_sweep.tune.runtime import logs_to_file, set_tune_environment, start_local_runtime, stop_local_runtime
-from roli_sweep.tune.searcher import TruthfulOptunaSearch, seed_study
+from roli_sweep.tune.scheduler import ArmedScheduler, make_asha
+from roli_sweep.tune.searcher import ArmedSearch, DefineByRun, TruthfulOptunaSearch, make_sampler, seed_study
 from roli_sweep.tune.trainable import run_tune_trial
 from roli_sweep.widening import save_sweep_space
 
@@ -54,15 +61,30 @@ PROBE_CACHE = "probe_cache"
 LOG_FILE = "sweep.log"
 """In the sweep's folder: what Ray, MLflow and Optuna log (INFO and up), kept off the console."""
 
-def tune_domain(spec: ParameterSpec) -> Any:
-    """The Ray Tune sampling domain of one parameter (int_uniform includes ``max``)."""
-    if spec.values is not None:
-        return tune.choice(spec.values)
-    if spec.distribution == "uniform":
-        return tune.uniform(spec.min, spec.max)
-    if spec.distribution == "log_uniform_values":
-        return tune.loguniform(spec.min, spec.max)
-    return tune.randint(int(spec.min), int(spec.max) + 1)
+CONFIRMATION = "confirmation"
+"""In the sweep's folder: the Ray Tune experiment of the confirmation runs."""
+
+
+def confirmation_seeds(space: SearchSpace) -> list[int]:
+    """The confirmation's seeds: ``base.seed + 1 .. base.seed + confirm.seeds`` (never the search's own)."""
+    return [space.base.seed + i for i in range(1, space.confirm.seeds + 1)]
+
+
+def arm_of(space: SearchSpace, row: TrialRow) -> Any:
+    """The arm value a trial ran in (None without arms)."""
+    return row.sampled.get(space.arms) if space.arms else None
+
+
+def ranked_by_arm(space: SearchSpace, rows: list[TrialRow], k: int) -> list[tuple[Any, int, TrialRow]]:
+    """Each arm's best ``k`` completed trials with a checkpoint, by best val robust accuracy:
+    ``(arm value, rank from 1, row)``, arms in the order written."""
+    chosen = []
+    for value in space.arm_values():
+        mine = [r for r in rows if r.status == TrialState.COMPLETED and r.val_robust_acc is not None
+                and (value is None or case_key(arm_of(space, r)) == case_key(value))]
+        mine.sort(key=lambda r: -r.val_robust_acc)
+        chosen += [(value, rank, row) for rank, row in enumerate(mine[:k], start=1)]
+    return chosen
 
 
 def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
@@ -77,7 +99,8 @@ def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
             val_robust_acc=metrics.get("best_val_robust_acc"), test_clean_acc=metrics.get("test_clean_acc"),
             test_robust_acc=metrics.get("test_robust_acc"),
             checkpoint=result.checkpoint.path if result.checkpoint and status == TrialState.COMPLETED else None,
-            error=failure_reason(result.error) if result.error else None))
+            error=failure_reason(result.error) if result.error else None,
+            seconds=float(metrics.get("time_total_s", 0.0))))
     return rows
 
 
@@ -146,36 +169,43 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
     cache = str(experiment_dir / PROBE_CACHE) if probe_cache else None
     trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads, probe_cache=cache),
                                     {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
-    param_space = {path: tune_domain(spec) for path, spec in space.parameters.items()}
     if resume:
         # completed and failed trials are kept; unfinished ones continue from their last checkpoint
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, param_space=param_space,
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
     else:
         save_sweep_space(space, experiment_dir)
-        tuner = _new_tuner(space, name, storage_path, trainable, param_space,
-                           MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base))
+        tuner = _new_tuner(space, name, storage_path, trainable,
+                           MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base, space.arms))
         if seed_from:
-            seeded = seed_study(optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / OPTUNA_DB}"), name,
-                                optuna.storages.RDBStorage(f"sqlite:///{storage_path / seed_from / OPTUNA_DB}"),
-                                seed_from, OptunaSearch.convert_search_space(param_space),
-                                ["maximize"] * (2 if space.metric.multi_objective else 1))
+            seeded = _seed(space, name, storage_path, seed_from)
             client.log_batch(parent_run_id, params=[Param("seeded_from", seed_from),
                                                     Param("seeded_trials", str(seeded))])
     interruption = Interruption()
+    grids = []
     try:
         with interruption.during_fit():
-            results = tuner.fit()
+            grids.append(tuner.fit())
+        rows = _rows(grids[0], space.base.finetune.epochs)
+        outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
+                               interrupted=interruption.pressed,
+                               experiment_id=client.get_run(parent_run_id).info.experiment_id)
+        if not outcome.interrupted and space.confirm.seeds:
+            outcome.confirmed = [(arm_label(space.arms, value), rank, row)
+                                 for value, rank, row in ranked_by_arm(space, rows, space.confirm.top_k)]
+            confirmation = _confirmation_tuner(space, name, storage_path, trainable, tracking_uri, parent_run_id,
+                                               outcome.confirmed, resume)
+            if confirmation is not None:
+                with interruption.during_fit():
+                    grids.append(confirmation.fit())
+                outcome.confirmation = _rows(grids[1], space.base.finetune.epochs)
+                outcome.interrupted = interruption.pressed
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
         raise
-    rows = _rows(results, space.base.finetune.epochs)
-    outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
-                           interrupted=interruption.pressed,
-                           experiment_id=client.get_run(parent_run_id).info.experiment_id)
     if outcome.interrupted:
         stopped = mark_interrupted(client, parent_run_id)
-        for row in rows:  # not pruned: --resume continues them
+        for row in [*outcome.rows, *outcome.confirmation]:  # not pruned: --resume continues them
             if row.trial_id in stopped:
                 row.status = TrialState.INTERRUPTED
         return outcome
@@ -185,37 +215,54 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
         mark_interrupted(client, parent_run_id)
         outcome.interrupted = True
         return outcome
-    analyse_sweep(outcome, SweepFacts(space.parameters, f"sqlite:///{experiment_dir / OPTUNA_DB}",
-                                      space.base.finetune.head_init, space.metric.multi_objective))
-    outcome.compute = compute_accounting(results, space, final_seconds, time.perf_counter() - started)
+    analyse_sweep(outcome, SweepFacts(space, f"sqlite:///{experiment_dir / OPTUNA_DB}", confirmation_seeds(space)))
+    outcome.compute = compute_accounting(grids, space, final_seconds, time.perf_counter() - started)
     log_sweep_end(client, outcome)
     return outcome
 
 
-def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable, param_space: dict[str, Any],
+def _storage(sweep_dir: Path) -> optuna.storages.RDBStorage:
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
+    return optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / OPTUNA_DB}")
+
+
+def _seed(space: SearchSpace, name: str, storage_path: Path, seed_from: str) -> int:
+    """Start each study of the new sweep (one per arm) with the finished trials of the old sweep's same study that
+    are points of the new space; an arm the old sweep did not have starts empty. Returns the trials copied."""
+    storage, source = _storage(storage_path / name), _storage(storage_path / seed_from)
+    directions = ["maximize"] * (2 if space.metric.multi_objective else 1)
+    seeded = 0
+    for value in space.arm_values():
+        try:
+            seeded += seed_study(storage, study_name(name, value), source, study_name(seed_from, value),
+                                 DefineByRun(space, value), directions)
+        except KeyError:  # optuna.load_study: no such study (an arm added by the widened space)
+            continue
+    return seeded
+
+
+def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable,
                mlflow_callback: MlflowTrialCallback) -> tune.Tuner:
-    """A fresh Tuner: the Optuna study stored in ``<storage_path>/<name>/optuna.db``, ASHA, the callbacks, and
-    one checkpoint kept per trial (the latest: it resumes the trial, and after the last epoch holds the tested
-    state for the final evaluation)."""
+    """A fresh Tuner: the Optuna studies stored in ``<storage_path>/<name>/optuna.db`` (one per arm: equal budgets,
+    each sampled on its own history), ASHA (one per arm), the callbacks, and one checkpoint kept per trial (the
+    latest: it resumes the trial, and after the last epoch holds the tested state for the final evaluation)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    (storage_path / name).mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
-    storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path / name / OPTUNA_DB}")
+    storage = _storage(storage_path / name)
     pruned_on = f"best_{space.metric.name}"
     objectives = ["best_val_clean_acc", pruned_on] if space.metric.multi_objective else pruned_on
     modes = ["max", "max"] if space.metric.multi_objective else "max"
-    search = ConcurrencyLimiter(
-        TruthfulOptunaSearch(metric=objectives, mode=modes, sampler=optuna.samplers.TPESampler(seed=space.seed),
-                             storage=storage, study_name=name, finetune_epochs=space.base.finetune.epochs),
-        max_concurrent=space.max_concurrent)
-    scheduler = ASHAScheduler(time_attr="epoch", metric=pruned_on, mode="max",
-                              grace_period=space.scheduler.grace_period,
-                              reduction_factor=space.scheduler.reduction_factor,
-                              max_t=space.scheduler.max_t or space.base.finetune.epochs)
+    arms = space.arm_values()
+    per_arm = space.num_samples // len(arms)
+    searchers = {case_key(value): TruthfulOptunaSearch(
+        space=DefineByRun(space, value), metric=objectives, mode=modes, sampler=make_sampler(space.seed + i, per_arm),
+        storage=storage, study_name=study_name(name, value), finetune_epochs=space.base.finetune.epochs)
+        for i, value in enumerate(arms)}
+    search = ArmedSearch(searchers, per_arm, objectives, modes) if space.arms else next(iter(searchers.values()))
+    scheduler = ArmedScheduler(space, pruned_on) if space.arms else make_asha(space, pruned_on)
     return tune.Tuner(
         trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=space.num_samples,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, max_concurrent=space.max_concurrent),
+                                    scheduler=scheduler, num_samples=space.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[mlflow_callback, ConsoleProgress(
@@ -224,32 +271,70 @@ def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable, par
     )
 
 
-def compute_accounting(results: tune.ResultGrid, space: SearchSpace, final_seconds: float,
+def _confirmation_tuner(space: SearchSpace, name: str, storage_path: Path, trainable, tracking_uri: str,
+                        parent_run_id: str, confirmed: list[tuple[str, int, TrialRow]],
+                        resume: bool) -> tune.Tuner | None:
+    """The confirmation's Tuner: every confirmed configuration once per confirmation seed, seed by seed (so the
+    arms' runs of one seed finish together), whole trials (no ASHA), each a child run tagged
+    ``sweep_role=confirmation`` with ``arm``, ``confirm_rank`` and ``confirms`` (the search trial); restored when
+    resuming a sweep interrupted during it. None when no arm has a completed trial to confirm."""
+    folder = storage_path / name / CONFIRMATION
+    if resume and tune.Tuner.can_restore(str(folder)):
+        return tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    configs, tags = [], {}
+    for seed in confirmation_seeds(space):
+        for arm, rank, row in confirmed:
+            config = {**row.sampled, "seed": seed}
+            configs.append(config)
+            tags[config_fingerprint(config)] = {"arm": arm, "confirm_rank": str(rank), "confirms": row.trial_id}
+    if not configs:
+        return None
+    callback = MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, space.base, space.arms,
+                                   role="confirmation", run_tags=tags)
+    return tune.Tuner(
+        trainable,
+        param_space={k: v for config in reversed(configs) for k, v in config.items()},  # each point replaces these
+        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=configs,
+                                                                     max_concurrent=space.max_concurrent),
+                                    num_samples=len(configs), reuse_actors=True),
+        run_config=tune.RunConfig(name=CONFIRMATION, storage_path=str(storage_path / name), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[callback, ConsoleProgress(
+                                      len(configs), [*space.parameters, "seed"], space.base.probe.epochs,
+                                      space.base.finetune.epochs)]),
+    )
+
+
+def compute_accounting(grids: list[tune.ResultGrid], space: SearchSpace, final_seconds: float,
                        wall_seconds: float) -> dict[str, float]:
-    """Where a sweep's compute went, in core-seconds (seconds × CPUs per trial): ``compute_trials_s`` (every trial's
-    Ray Tune ``time_total_s``), ``compute_probe_saved_s`` (the stage-1 compute cached probes spared),
+    """Where a sweep's compute went, in core-seconds (seconds × CPUs per trial): ``compute_trials_s`` (every search
+    trial's Ray Tune ``time_total_s``; ``grids[0]``), ``compute_confirmation_s`` (the confirmation runs'; ``grids[1]``
+    when there was one), ``compute_probe_saved_s`` (the stage-1 compute cached probes spared),
     ``compute_final_eval_s``, ``wall_s``, and ``idle_fraction``: the share of the runtime's CPU-seconds over
     the sweep's wall time that neither trials nor the final evaluation used."""
     cpu = max(space.resources.cpu, 1)
-    trials = saved = 0.0
-    for result in results:
-        trials += float((result.metrics or {}).get("time_total_s", 0.0)) * cpu
-        frame = result.metrics_dataframe
-        if frame is not None and "probe" in frame:
-            cached = frame[frame["probe"] == "cached"]
-            saved += float(cached["probe_seconds"].sum()) * cpu
+    spent, saved = [0.0, 0.0], 0.0
+    for index, results in enumerate(grids):
+        for result in results:
+            spent[index] += float((result.metrics or {}).get("time_total_s", 0.0)) * cpu
+            frame = result.metrics_dataframe
+            if frame is not None and "probe" in frame:
+                cached = frame[frame["probe"] == "cached"]
+                saved += float(cached["probe_seconds"].sum()) * cpu
     capacity = wall_seconds * ray.cluster_resources().get("CPU", cpu)
-    busy = trials + final_seconds
-    return {"compute_trials_s": trials, "compute_probe_saved_s": saved, "compute_final_eval_s": final_seconds,
-            "wall_s": wall_seconds,
+    busy = sum(spent) + final_seconds
+    return {"compute_trials_s": spent[0], "compute_confirmation_s": spent[1], "compute_probe_saved_s": saved,
+            "compute_final_eval_s": final_seconds, "wall_s": wall_seconds,
             "idle_fraction": max(0.0, 1.0 - busy / capacity) if capacity > 0 and math.isfinite(busy) else 0.0}
 
 
 def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: Path, base: TrialConfig,
                      threads: int, on_piece=None) -> float:
-    """Final evaluation (clean, PGD with restarts, AutoAttack) and masking checks of the top
-    ``space.final_top_k`` completed trials by val robust accuracy, their pieces spread over every free CPU or
-    GPU (:mod:`roli_sweep.tune.final_pool`, actors with the trials' resources).
+    """Final evaluation (clean, PGD with restarts, AutoAttack) and masking checks of each arm's top
+    ``space.final_top_k`` completed search trials by val robust accuracy (with confirmation, the arm's confirmed
+    best comes first), their pieces spread over every free CPU or GPU (:mod:`roli_sweep.tune.final_pool`, actors
+    with the trials' resources).
 
     Per-piece progress is kept in ``<experiment_dir>/final_eval/<trial_id>.json``, so a resumed sweep
     continues an interrupted evaluation. A failed evaluation is recorded in the row, not raised.
@@ -257,10 +342,11 @@ def final_evaluation(outcome: SweepOutcome, space: SearchSpace, experiment_dir: 
     Returns:
         The core-seconds (CPU seconds × CPUs per actor) the pieces took.
     """
-    ranked = sorted((r for r in outcome.completed() if r.checkpoint), key=lambda r: -r.val_robust_acc)
+    ranked = [row for _, _, row in ranked_by_arm(space, [r for r in outcome.rows if r.checkpoint],
+                                                 space.final_top_k)]
     jobs = [FinalJob(row.trial_id, apply_overrides(base, row.sampled), row.checkpoint,
-                     experiment_dir / "final_eval" / f"{row.trial_id}.json") for row in ranked[:space.final_top_k]]
+                     experiment_dir / "final_eval" / f"{row.trial_id}.json") for row in ranked]
     results = run_final_jobs(jobs, space.resources.cpu, space.resources.gpu, threads, on_piece)
-    for row in ranked[:space.final_top_k]:
+    for row in ranked:
         row.final = results[row.trial_id].record
     return sum(r.busy_seconds for r in results.values()) * max(space.resources.cpu, 1)

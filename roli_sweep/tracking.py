@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from roli_sweep.names import arm_label
 from roli_sweep.config import SearchSpace, StudyConfig, TrialConfig, dump_yaml, flatten
 from roli_sweep.records import FinalRecord, StudyJobRecord, SweepOutcome, TrialState, masking_tags
 from roli_sweep.provenance import git_commit, package_versions
@@ -142,6 +143,9 @@ def start_parent_run(client: MlflowClient, space: SearchSpace, space_path: Path,
                            f"reduction_factor={space.scheduler.reduction_factor} "
                            f"max_t={space.scheduler.max_t or space.base.finetune.epochs}"),
         Param("sampled", ", ".join(space.parameters)),
+        Param("arms", space.arms or "none"),
+        Param("arm_labels", ",".join(arm_label(space.arms, v) for v in space.arm_values()) if space.arms else ""),
+        Param("confirm", f"seeds={space.confirm.seeds} top_k={space.confirm.top_k}"),
     ])
     return run_id
 
@@ -162,6 +166,8 @@ def log_sweep_end(client: MlflowClient, outcome: SweepOutcome) -> None:
             if found.figure and found.plot:
                 found.plot(Path(tmp) / found.figure)
                 client.log_artifact(run_id, str(Path(tmp) / found.figure))
+            if found.text:
+                client.log_text(run_id, found.text[1], found.text[0])
     counts = {s.value: sum(r.status == s for r in outcome.rows)
               for s in (TrialState.COMPLETED, TrialState.PRUNED, TrialState.FAILED)}
     metrics = {f"trials_{status}": n for status, n in counts.items()} | (outcome.compute or {})

@@ -6,7 +6,9 @@ of the new space. So the new space may differ only by
 
 - a numeric range that is the same or wider (``min`` not larger, ``max`` not smaller, same distribution);
 - a categorical parameter with the same values and perhaps more;
-- how much to run: ``num_samples``, ``max_concurrent`` and ``resources``;
+- a conditional parameter with the same ``given`` whose cases each change only that way (and a case for each
+  value its ``given`` gained);
+- how much to run: ``num_samples``, ``max_concurrent``, ``resources`` and the confirmation (``confirm``);
 
 and anything else (the base trial config, the metric, the scheduler, the sampler's seed, a parameter added or
 removed) is refused, naming the key. Ray Tune restores a sweep with the search algorithm it pickled, space and
@@ -24,7 +26,7 @@ from roli_sweep.config import ConfigError, ParameterSpec, SearchSpace, dump_yaml
 SPACE_FILE = "search_space.yaml"
 """The resolved space a sweep started with, in its folder."""
 
-RUN_SIZE_KEYS = ("num_samples", "max_concurrent", "resources")
+RUN_SIZE_KEYS = ("num_samples", "max_concurrent", "resources", "confirm")
 """How much to run, not what is measured: free to change between a sweep and the one it seeds."""
 
 
@@ -64,6 +66,15 @@ def _parameter_change(key: str, old: ParameterSpec, new: ParameterSpec) -> bool:
         ConfigError: ``new`` narrows ``old`` or changes its kind or distribution.
     """
     where = f"parameters.{key}"
+    if old.given is not None or new.given is not None:
+        if old.given != new.given:
+            raise ConfigError(f"key '{where}.given': {old.given!r} in the finished sweep, {new.given!r} now; a "
+                              "conditional parameter keeps the parameter it depends on")
+        missing = [case for case in old.cases if case not in new.cases]
+        if missing:
+            raise ConfigError(f"key '{where}.cases': {missing} removed; the finished trials sampled them")
+        changed = [_parameter_change(f"{key}.cases.{case}", spec, new.cases[case]) for case, spec in old.cases.items()]
+        return any(changed) or len(new.cases) > len(old.cases)
     if (old.values is None) != (new.values is None) or old.distribution != new.distribution:
         raise ConfigError(f"key {where!r}: changed from {old.model_dump(exclude_none=True)} to "
                           f"{new.model_dump(exclude_none=True)}; only wider bounds or added values are allowed")

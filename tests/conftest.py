@@ -57,6 +57,7 @@ def space_dict(trial_dict) -> dict:
         "seed": 0,
         "resources": {"cpu": 1, "gpu": 0},
         "scheduler": {"grace_period": 1, "reduction_factor": 2, "max_t": 2},
+        "confirm": {"seeds": 0},  # tests of the confirmation set their own
         "base": trial_dict,
         "parameters": {
             "finetune.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},

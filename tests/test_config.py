@@ -45,6 +45,7 @@ def _set(tree: dict, path: str, value) -> None:
 
 _DELETE = object()
 
+LOG = {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}
 MALFORMED = [
     # (path in the YAML tree, bad value, text the error must contain)
     ("surprise", 1, "surprise"),
@@ -83,6 +84,21 @@ MALFORMED = [
     ("parameters/finetune.epochs", {"values": [1, 2]}, "finetune.epochs"),
     ("parameters/finetune.method_params.r", {"distribution": "uniform", "min": 2, "max": 8},
      "parameters.finetune.method_params.r"),
+    # conditional ranges and arms
+    ("parameters/finetune.lr", {"given": "finetune.headinit", "cases": {"roli": LOG, "random": LOG}},
+     "parameters.finetune.lr.given: 'finetune.headinit' is not another sampled parameter"),
+    ("parameters/finetune.lr", {"given": "finetune.head_init", "cases": {"roli": LOG}},
+     "parameters.finetune.lr.cases: keys ['roli'] must be the values of finetune.head_init, ['roli', 'random']; "
+     "missing ['random']"),
+    ("parameters/finetune.lr", {"given": "finetune.head_init", "cases": {"roli": LOG, "random": LOG, "linear": LOG}},
+     "not values of it ['linear']"),
+    ("parameters/finetune.method_params.r", {"given": "finetune.lr", "cases": {"1": {"values": [2]}}},
+     "parameters.finetune.method_params.r.given: finetune.lr must be categorical"),
+    ("parameters/finetune.lr", {"given": "finetune.head_init", "min": 1e-4, "cases": {"roli": LOG, "random": LOG}},
+     "a conditional parameter takes 'given' and 'cases' only"),
+    ("parameters/finetune.lr", {"given": "finetune.head_init", "cases": {"roli": LOG, "random": {"values": [-1.0]}}},
+     "parameters.finetune.lr (when finetune.head_init is 'random'): value -1.0"),
+    ("arms", "finetune.lr", "arms: 'finetune.lr' must be a categorical sampled parameter"),
 ]
 
 

@@ -62,19 +62,20 @@ def test_warmup_cosine_starts_above_zero_peaks_after_warmup_and_ends_at_zero():
     assert warmup_cosine(StageConfig(epochs=2, lr=0.1, warmup_epochs=0, optimizer="sgd"), 5)(0) == pytest.approx(1.0)
 
 
-def test_sampling_domains_cover_their_ranges():
-    from ray import tune
+def test_sampling_distributions_cover_their_ranges():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     from roli_sweep.config import ParameterSpec
-    from roli_sweep.sweep import tune_domain
+    from roli_sweep.tune.searcher import distribution
 
-    log = tune_domain(ParameterSpec(distribution="log_uniform_values", min=1e-4, max=1e-2))
-    ints = tune_domain(ParameterSpec(distribution="int_uniform", min=2, max=4))
-    uniform = tune_domain(ParameterSpec(distribution="uniform", min=0.1, max=0.2))
-    choice = tune_domain(ParameterSpec(values=["roli", "random"]))
-    assert isinstance(log, tune.search.sample.Float) and log.lower == 1e-4 and log.upper == 1e-2
-    assert isinstance(log.sampler, tune.search.sample.LogUniform)
-    samples = ints.sample(size=300, random_state=0)
-    assert set(samples) == {2, 3, 4}, "int_uniform includes max"
-    assert all(0.1 <= v <= 0.2 for v in uniform.sample(size=100, random_state=0))
-    assert choice.categories == ["roli", "random"]
+    log = distribution(ParameterSpec(distribution="log_uniform_values", min=1e-4, max=1e-2))
+    ints = distribution(ParameterSpec(distribution="int_uniform", min=2, max=4))
+    uniform = distribution(ParameterSpec(distribution="uniform", min=0.1, max=0.2))
+    choice = distribution(ParameterSpec(values=["roli", "random"]))
+    assert isinstance(log, FloatDistribution) and (log.low, log.high, log.log) == (1e-4, 1e-2, True)
+    assert isinstance(uniform, FloatDistribution) and not uniform.log
+    assert isinstance(choice, CategoricalDistribution) and choice.choices == ("roli", "random")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = {study.ask({"r": ints}).params["r"] for _ in range(100)}
+    assert isinstance(ints, IntDistribution) and samples == {2, 3, 4}, "int_uniform includes max"

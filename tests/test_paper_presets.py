@@ -108,12 +108,20 @@ def test_preset_states_the_reference_setting(path):
     assert (cfg.probe.lr, cfg.probe.weight_decay, cfg.probe.optimizer) == (probe_lr * LR_SCALE, probe_wd, "sgd")
     assert cfg.probe.no_weight_decay == cfg.finetune.no_weight_decay == ["bias"]
     refs = REF[(method, dataset)]
-    lr = space.parameters["finetune.lr"]
-    # RoLI's and RanLI's reference lrs inside, with room: out of the outer tenths where a range-edge warning fires
-    assert lr.distribution == "log_uniform_values"
-    for ref_lr, _ in refs.values():
+    # RoLI's and RanLI's reference lrs each inside its own arm's range, with room: out of the outer tenths where a
+    # range-edge warning fires (an arm the reference has no file for is checked against RanLI's reference)
+    if method == "linear":
+        assert space.arms is None and space.parameters["finetune.lr"].distribution == "log_uniform_values"
+        ranges = {"ranli": space.parameters["finetune.lr"]}
+    else:
+        assert space.arms == "finetune.head_init" and space.parameters["finetune.lr"].given == "finetune.head_init"
+        ranges = {"roli": space.parameters["finetune.lr"].cases["roli"],
+                  "ranli": space.parameters["finetune.lr"].cases["random"]}
+    for arm, lr in ranges.items():
+        ref_lr = refs.get(arm, refs["ranli"])[0]
+        assert lr.distribution == "log_uniform_values"
         position = math.log(ref_lr * LR_SCALE / lr.min) / math.log(lr.max / lr.min)
-        assert 0.1 < position < 0.9, (ref_lr, position)
+        assert 0.1 < position < 0.9, (arm, ref_lr, position)
     base_ref = refs["ranli"] if method == "linear" else refs.get("roli", refs["ranli"])
     assert cfg.finetune.lr == pytest.approx(base_ref[0] * LR_SCALE)
     if method == "linear":
@@ -130,8 +138,9 @@ def _scaled(path: Path, data_root: Path) -> dict:
     """The preset as shipped, scaled down: Swin architecture, data files, epochs, sizes and attack budgets."""
     tree = _load(path)
     base = tree["base"]
-    tree.update(num_samples=1, max_concurrent=1, resources={"cpu": 1, "gpu": 0},
-                scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 2})
+    tree.update(num_samples=2 if tree.get("arms") else 1, max_concurrent=1, resources={"cpu": 1, "gpu": 0},
+                scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 2},
+                confirm={**tree.get("confirm", {}), "seeds": 1})  # one trial per arm, each confirmed on one seed
     base["device"] = "cpu"
     base["backbone"].update(weights=None, input_size=SCALED_SIDE,
                             kwargs={**SCALED_SWIN, **base["backbone"]["kwargs"]})
@@ -160,16 +169,24 @@ def _whole_run(path: Path, tmp_path: Path, monkeypatch) -> None:
     assert main(["--space", str(space), "--name", "run", "--tracking-uri", uri]) == 0
 
     client = MlflowClient(uri)
-    (child,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="tags.sweep = 'run' and tags.sweep_role = 'trial'")
-    assert child.data.tags["status"] == "completed", child.data.tags
-    assert {"test_clean_acc", "test_robust_acc", "final_pgd_acc", "final_autoattack_acc"} <= set(child.data.metrics)
-    assert child.data.tags["final_eval"] == "done"
-    assert child.data.params["final_eval.autoattack.version"] == "custom"  # cut for the test, and labelled so
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    children = client.search_runs(experiments, filter_string="tags.sweep = 'run' and tags.sweep_role = 'trial'")
+    armed = "arms" in yaml.safe_load(space.read_text())
+    assert len(children) == (2 if armed else 1)
+    for child in children:  # each arm's one trial: completed and given the final evaluation
+        assert child.data.tags["status"] == "completed", child.data.tags
+        assert {"test_clean_acc", "test_robust_acc", "final_pgd_acc", "final_autoattack_acc"} <= set(child.data.metrics)
+        assert child.data.tags["final_eval"] == "done"
+        assert child.data.params["final_eval.autoattack.version"] == "custom"  # cut for the test, and labelled so
+    confirmed = client.search_runs(experiments, filter_string="tags.sweep = 'run' and tags.sweep_role = 'confirmation'")
+    assert sorted(c.data.params["seed"] for c in confirmed) == ["1"] * len(children)
+    assert all(c.data.tags["status"] == "completed" for c in confirmed)
 
     out = tmp_path / "exported"
     assert main(["export", "--name", "run", "--top-k", "1", "--out", str(out), "--tracking-uri", uri]) == 0
     (exported,) = out.glob("*.yaml")
+    run_id = exported.read_text().split("MLflow run ", 1)[1].split()[0]
+    child = client.get_run(run_id)
     assert main(["train", "--config", str(exported), "--tracking-uri", uri, "--experiment", "rerun"]) == 0
     (rerun,) = client.search_runs([client.get_experiment_by_name("rerun").experiment_id])
     assert rerun.data.tags["status"] == "completed" and "final_autoattack_acc" in rerun.data.metrics

@@ -217,7 +217,7 @@ def test_train_with_seeds_reports_mean_std_and_paired_difference(tmp_path, trial
 
 
 NARROW_LR = {
-    "name": "narrow", "num_samples": 6, "max_concurrent": 2, "final_top_k": 0,
+    "name": "narrow", "num_samples": 6, "max_concurrent": 2, "final_top_k": 0, "confirm": {"seeds": 0},
     # TPE's first 10 trials are random; with seed 319 they draw lr 9.96e-3, 8.23e-3, 1.39e-3, 1.03e-3, 2.99e-3
     # and 9.90e-3: the three largest in the range's outer tenth, the others at least 2.7x smaller
     "seed": 319,

@@ -3,6 +3,7 @@
 own exception, in plain words."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from roli_sweep.names import arm_label
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
 from roli_sweep.console import ProgressLines
 from roli_sweep.live_view import LiveTable, interactive
@@ -21,6 +23,11 @@ from roli_sweep.tune.failures import failure_reason
 logger = logging.getLogger(__name__)
 
 
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """A trial config as one string (keys sorted), to find the tags planned for it."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 class MlflowTrialCallback(tune.Callback):
     """One MLflow child run per trial under the sweep's parent run.
 
@@ -28,12 +35,17 @@ class MlflowTrialCallback(tune.Callback):
     back; the client is recreated on demand. On a restore, a trial that already has a child run (tag
     ``trial_id``) reuses it, and epochs it already logged are not logged again (a checkpoint is registered
     only after its result went to the callbacks, so a resumed trial may report an epoch twice).
+
+    Each child run is tagged ``sweep_role`` (``role``: ``trial`` for the search, ``confirmation``), ``arm`` (RoLI /
+    RanLI, :func:`roli_sweep.comparison.arm_label`) when the space has ``arms``, and whatever ``run_tags`` holds
+    for the trial's config (:func:`config_fingerprint` -> tags).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, sweep: str,
-                 base: TrialConfig) -> None:
+                 base: TrialConfig, arms: str | None = None, role: str = "trial",
+                 run_tags: dict[str, dict[str, str]] | None = None) -> None:
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        self.sweep, self.base = sweep, base
+        self.sweep, self.base, self.arms, self.role, self.run_tags = sweep, base, arms, role, run_tags or {}
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._logged: dict[str, int] = {}  # trial id -> last epoch logged
@@ -70,9 +82,11 @@ class MlflowTrialCallback(tune.Callback):
             steps = [m.step for m in self.client.get_metric_history(run_id, "train_loss")]
             self._logged[trial.trial_id] = max(steps, default=-1)
         else:
+            arm = {"arm": arm_label(self.arms, trial.config.get(self.arms))} if self.arms else {}
             run = self.client.create_run(exp, run_name=f"{self.sweep}/{trial.trial_id}", tags={
                 "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
-                ROLE_TAG: "trial", "status": "running"})
+                ROLE_TAG: self.role, "status": "running", **arm,
+                **self.run_tags.get(config_fingerprint(trial.config), {})})
             run_id = run.info.run_id
             self._describe(run_id, trial)
             self.client.log_batch(run_id, tags=[RunTag(f"sampled.{k}", str(v)) for k, v in trial.config.items()])
