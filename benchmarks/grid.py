@@ -125,10 +125,9 @@ def run_grid(space: SearchSpace, grid: dict[str, list[Any]], storage: Path, name
              probe_cache: Path) -> list[GridPoint]:
     """Run every point of ``grid`` (``{dotted key: values}``, their product) as a whole trial on the running
     Ray runtime, ``space.max_concurrent`` at a time."""
-    base = space.base.model_dump(mode="json")
     threads = max(1, int(space.resources.cpu))
     trainable = tune.with_resources(
-        tune.with_parameters(run_tune_trial, base=base, threads=threads, probe_cache=str(probe_cache)),
+        tune.with_parameters(run_tune_trial, base=space.base, threads=threads, probe_cache=str(probe_cache)),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     tuner = tune.Tuner(
         trainable,

@@ -52,12 +52,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _spread(values: list[float], scale: float = 100.0, unit: str = " points") -> str:
+def _spread(values: list[float], scale: float = 100.0, unit: str = " points", fmt: str = "+.1f") -> str:
     """``mean (min to max)`` of ``values`` × ``scale``."""
     if not values:
         return "n/a"
     shown = [v * scale for v in values]
-    return f"{statistics.fmean(shown):+.1f}{unit} ({min(shown):+.1f} to {max(shown):+.1f})"
+    return f"{statistics.fmean(shown):{fmt}}{unit} ({min(shown):{fmt}} to {max(shown):{fmt}})"
 
 
 def main() -> None:
@@ -117,7 +117,8 @@ def main() -> None:
             rows = [r for r in sweep.rows if arm is None or not space.arms or r.sampled.get(space.arms) == arm]
             done = [r for r in rows if r in sweep.completed()]
             top = max(done, key=lambda r: r.val_robust_acc, default=None)
-            ratios.append(sum(r.seconds for r in rows) * cpu / grid_compute)
+            if grid_compute > 0:
+                ratios.append(sum(r.seconds for r in rows) * cpu / grid_compute)
             if top is not None and grid_best is not None:
                 val_gaps.append(grid_best.val_robust_acc - top.val_robust_acc)
                 test_gaps.append(grid_best.test_robust_acc - (top.test_robust_acc or 0.0))
@@ -126,7 +127,7 @@ def main() -> None:
         print(f"{name}: grid best val robust {grid_best.val_robust_acc:.3f} at {grid_best.settings} (test robust "
               f"{grid_best.test_robust_acc:.3f}, {grid_compute:.0f} core-s); grid - sweep over {len(seeds)} seeds: "
               f"val {_spread(val_gaps)}, test {_spread(test_gaps)} (target ≤ 1.0 on val); compute ratio "
-              f"{_spread(ratios, 1.0, '')} (target ≤ 0.25)" if grid_best else f"{name}: no completed grid point")
+              f"{_spread(ratios, 1.0, '', '.3f')} (target ≤ 0.25)" if grid_best else f"{name}: no completed grid point")
     print(f"benchmark wall time: {total_wall:.0f} s")
 
 

@@ -156,7 +156,7 @@ def markdown(comparison: Comparison, sweep: str, threat: str) -> str:
         for metric in METRICS:
             found = arm.mean_std(metric)
             cells.append("-" if found is None else f"{found[0]:.4f} ± {found[1]:.4f}")
-        settings = ", ".join(f"{k}={v}" for k, v in arm.settings.items())
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in arm.settings.items())
         lines.append(f"| {arm.arm} | {arm.rank} | {arm.source_trial} | {settings} | {len(arm.runs)} of "
                      f"{len(seeds)} | {cells[0]} | {cells[1]} |")
     lines += ["", "Per seed (test clean / test robust):", "", "| arm | rank | " + " | ".join(map(str, seeds)) + " |",

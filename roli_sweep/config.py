@@ -398,6 +398,14 @@ class ParameterSpec(_Strict):
     given: str | None = Field(None, description="the categorical parameter whose value picks the case")
     cases: dict[str, ParameterSpec] | None = Field(None, description="value of 'given' -> the spec used then")
 
+    @field_validator("cases", mode="before")
+    @classmethod
+    def _keys_as_written(cls, cases: Any) -> Any:
+        """YAML reads ``{8: ..., true: ...}`` with int and bool keys; a case is named as YAML writes its value."""
+        if isinstance(cases, dict):
+            return {key if isinstance(key, str) else case_key(key): case for key, case in cases.items()}
+        return cases
+
     @model_validator(mode="after")
     def _one_kind(self) -> ParameterSpec:
         if (self.given is None) != (self.cases is None):

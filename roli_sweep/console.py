@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from roli_sweep.messages import bounded
+from roli_sweep.names import arm_label
 from roli_sweep.records import FinalRecord, StudyJobRecord, eps_fraction
 
 
@@ -186,12 +187,13 @@ def print_sweep_end(console: Console, outcome, space) -> None:
         for column in ("trial", "clean", "PGD", "AutoAttack", "masking checks"):
             final_table.add_column(column, justify="right")
         for row in finals:
+            name = f"{row.trial_id} ({arm_label(space.arms, row.sampled.get(space.arms))})" if space.arms else row.trial_id
             if row.final.failed:
-                final_table.add_row(row.trial_id, Text("failed", style="red"), "", "", row.final.error)
+                final_table.add_row(name, Text("failed", style="red"), "", "", row.final.error)
                 continue
             m = row.final.metrics
             warned = [check.name for check in row.final.warnings()]
-            final_table.add_row(row.trial_id, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
+            final_table.add_row(name, _fmt(m["final_clean_acc"]), _fmt(m["final_pgd_acc"]),
                                 _fmt(m.get("final_autoattack_acc")),
                                 Text("pass", style="green") if not warned
                                 else Text(f"warning: {', '.join(warned)}", style="bold red"))

@@ -13,6 +13,7 @@ with the helpers here. This module does not import Ray.
 """
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +64,12 @@ def filter_value(value: str) -> str:
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """MLflow 3's UI opens an experiment with this tag on its training runs, not on the GenAI traces overview."""
+
+
+def mlflow_key(key: str) -> str:
+    """A metric or tag key MLflow accepts (letters, digits, ``_ - . /`` and spaces): any other character, such as
+    the ``=`` of an arm ``r=4`` or the ``|`` of a conditional parameter's Optuna name, becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -161,8 +168,8 @@ def log_sweep_end(client: MlflowClient, outcome: SweepOutcome) -> None:
     now = int(time.time() * 1000)
     with tempfile.TemporaryDirectory() as tmp:
         for found in outcome.findings:
-            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in found.metrics.items()],
-                             tags=[RunTag(k, v[:5000]) for k, v in found.tags.items()])
+            client.log_batch(run_id, metrics=[Metric(mlflow_key(k), v, now, 0) for k, v in found.metrics.items()],
+                             tags=[RunTag(mlflow_key(k), v[:5000]) for k, v in found.tags.items()])
             if found.figure and found.plot:
                 found.plot(Path(tmp) / found.figure)
                 client.log_artifact(run_id, str(Path(tmp) / found.figure))

@@ -18,6 +18,7 @@ from roli_sweep.records import TrialRow, TrialState
 from roli_sweep.tune.searcher import ArmedSearch, DefineByRun, TruthfulOptunaSearch
 from roli_sweep.widening import widened_parameters
 from tests.conftest import write_yaml
+from tests.test_sweep import NARROW_LR
 
 ROLI_LR = {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-3}
 RANLI_LR = {"distribution": "log_uniform_values", "min": 1e-2, "max": 1e-1}
@@ -77,6 +78,24 @@ def test_arms_get_equal_budgets_and_their_own_studies(space_dict):
         assert "finetune.head_init" not in study.trials[0].params  # the arm is fixed, not sampled
 
 
+def test_cases_are_keyed_as_yaml_writes_the_values(space_dict, tmp_path):
+    """``r: [2, 4]`` read from YAML: cases ``{2: ..., 4: ...}`` have int keys, and name the cases all the same."""
+    tree = copy.deepcopy(space_dict)
+    tree["parameters"]["finetune.lr"] = {"given": "finetune.method_params.r", "cases": {2: ROLI_LR, 4: RANLI_LR}}
+    from roli_sweep.config import load_search_space
+
+    space = load_search_space(write_yaml(tmp_path / "space.yaml", tree))
+    assert [(condition, spec.max) for condition, spec in space.conditions("finetune.lr")] == [
+        ({"finetune.method_params.r": 2}, 1e-3), ({"finetune.method_params.r": 4}, 1e-1)]
+
+
+def test_keys_are_made_acceptable_to_mlflow():
+    from roli_sweep.tracking import mlflow_key
+
+    assert mlflow_key("diff.r=4-r=8.test_robust_acc") == "diff.r_4-r_8.test_robust_acc"
+    assert mlflow_key("importance.finetune.lr|finetune.head_init=roli") == "importance.finetune.lr_finetune.head_init_roli"
+
+
 def test_arms_must_split_the_budget_evenly(space_dict):
     tree = _armed(space_dict)
     tree["num_samples"] = 5
@@ -131,23 +150,10 @@ def test_the_paired_interval_is_students_over_seeds_and_pairs_only_shared_seeds(
 
 
 ARMED = {
-    "name": "armed", "num_samples": 12, "max_concurrent": 2, "final_top_k": 1, "arms": "finetune.head_init",
-    # RanLI is the first arm, so its study's sampler has seed 319: its first 3 draws (random start-up, half its
-    # 6 trials) are 9.96e-3, 8.23e-3 and 1.39e-3, at this base's best RanLI lrs (tests/test_sweep.py NARROW_LR)
-    "seed": 319, "confirm": {"seeds": 2},
-    "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_t": 2},  # no pruning
-    "base": {
-        "seed": 0,
-        "data": {"name": "digits", "image_size": 28, "train_size": 192, "val_size": 96, "test_size": 32},
-        "backbone": {"name": "vit_tiny_patch16_224", "weights": "shipped:fmnist59_vit_robust", "mean": [0.5],
-                     "std": [0.5], "kwargs": {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 96,
-                                              "depth": 4, "num_heads": 3}},
-        "attack": {"eps": "8/255", "steps": 2, "step_size": "4/255"},
-        "eval": {"val_steps": 3, "test_steps": 3, "batch_size": 128,
-                 "final": {"n_examples": 8, "masking": {"n_examples": 8, "more_steps": 10, "square_queries": 20}}},
-        "probe": {"epochs": 1, "lr": 0.05, "optimizer": "sgd", "batch_size": 64},
-        "finetune": {"method": "lora", "method_params": {"r": 4, "alpha": 4}, "head_init": "random", "epochs": 2,
-                     "lr": 1e-3, "optimizer": "adamw", "batch_size": 64, "warmup_epochs": 0.5}},
+    **copy.deepcopy(NARROW_LR), "name": "armed", "num_samples": 12, "final_top_k": 1, "arms": "finetune.head_init",
+    # RanLI is the first arm, so its study's sampler has NARROW_LR's seed 319: its first 3 draws (random start-up,
+    # half its 6 trials) are 9.96e-3, 8.23e-3 and 1.39e-3, at this base's best RanLI lrs
+    "confirm": {"seeds": 2},
     "parameters": {
         "finetune.head_init": {"values": ["random", "roli"]},
         "finetune.lr": {"given": "finetune.head_init", "cases": {
@@ -155,6 +161,7 @@ ARMED = {
             "roli": {"distribution": "log_uniform_values", "min": 1e-3, "max": 3e-2}}},
     },
 }
+ARMED["base"]["eval"]["final"] = {"n_examples": 8, "masking": {"n_examples": 8, "more_steps": 10, "square_queries": 20}}
 
 
 def test_an_armed_sweep_searches_each_arm_equally_confirms_over_seeds_and_compares(tmp_path, monkeypatch,
@@ -208,3 +215,22 @@ def test_an_armed_sweep_searches_each_arm_equally_confirms_over_seeds_and_compar
     exported = sorted((tmp_path / "ex").iterdir())
     assert [p.name.split("-rank1-")[0] for p in exported] == ["a1-RanLI", "a1-RoLI"]
     assert all(", arm " in p.read_text().splitlines()[0] for p in exported)
+
+
+def test_the_grid_benchmark_spans_each_arm_with_its_own_range(space_dict, tmp_path, ray_runtime):
+    """``benchmarks/grid.py`` (the search-efficiency baseline): one grid per arm, its lr points from the arm's case,
+    every point a whole trial that completes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from grid import run_grid, space_grids
+
+    tree = _armed(space_dict)
+    tree["parameters"]["finetune.method_params.r"] = {"values": [2]}
+    space = parse_search_space(tree, "space")
+    grids = space_grids(space, 2)
+    assert [(arm, g["finetune.lr"]) for arm, g in grids] == [("roli", [1e-4, 1e-3]), ("random", [1e-2, 1e-1])]
+    points = run_grid(space, grids[1][1], tmp_path, "grid", tmp_path / "cache")
+    assert sorted(p.settings["finetune.lr"] for p in points) == [1e-2, 1e-1]
+    assert all(p.error is None and 0 <= p.test_robust_acc <= 1 and p.core_seconds > 0 for p in points)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from roli_sweep.cli import main
@@ -151,36 +152,46 @@ def _space_for_interrupt(space_dict: dict, tmp_path: Path) -> Path:
     return write_yaml(tmp_path / "space.yaml", tree)
 
 
-def _finetune_epochs_logged(db: Path) -> int:
-    """The most finetune epochs any run has logged so far, read from the sweep's SQLite store read-only (an
-    MlflowClient here could race the sweep's own creation of the tables)."""
+def _finetune_epochs_logged(db: Path, role: str = "") -> int:
+    """The most finetune epochs any run (with ``role``: any run of that ``sweep_role``) has logged so far, read from
+    the sweep's SQLite store read-only (an MlflowClient here could race the sweep's own creation of the tables)."""
     import sqlite3
 
     if not db.exists():
         return 0
+    join = ("JOIN tags t ON m.run_uuid = t.run_uuid AND t.key = 'sweep_role' AND t.value = ?" if role else "")
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            rows = con.execute("SELECT COUNT(*) FROM metrics WHERE key = 'train_loss' GROUP BY run_uuid").fetchall()
+            rows = con.execute(f"SELECT COUNT(*) FROM metrics m {join} WHERE m.key = 'train_loss' GROUP BY m.run_uuid",
+                               (role,) if role else ()).fetchall()
         return max((n for (n,) in rows), default=0)
     except sqlite3.Error:  # the sweep is still creating the store
         return 0
 
 
-def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space_dict):
-    space = _space_for_interrupt(space_dict, tmp_path)
-    db, storage = tmp_path / "mlflow.db", tmp_path / "ray results"  # a space: the printed command quotes it
-    command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", "cc",
+def _interrupted_sweep(space: Path, name: str, db: Path, storage: Path, cwd: Path, role: str = "",
+                       seconds: float = 240) -> tuple[str, str]:
+    """Run ``run_sweep.py`` in its own process group, press Ctrl+C once a run (of ``role``) has logged a finetune
+    epoch, and check it exits 130. Returns its output and the ``--resume`` command it printed."""
+    command = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(space), "--name", name,
                "--tracking-uri", f"sqlite:///{db}", "--storage-path", str(storage), "--num-cpus", "2"]
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    sweep = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    deadline = time.time() + 240
-    while _finetune_epochs_logged(db) < 1 and time.time() < deadline and sweep.poll() is None:
+    deadline = time.time() + seconds
+    while _finetune_epochs_logged(db, role) < 1 and time.time() < deadline and sweep.poll() is None:
         time.sleep(0.2)
     assert sweep.poll() is None, sweep.stdout.read()
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl+C in a terminal signals the whole foreground group
     out, _ = sweep.communicate(timeout=240)
     assert sweep.returncode == 130, out
-    resume = next(line.strip() for line in out.splitlines() if "--resume" in line and "run_sweep.py" in line)
+    assert not _wait_gone(sweep.pid), "no Ray process of the interrupted sweep remains"
+    return out, next(line.strip() for line in out.splitlines() if "--resume" in line and "run_sweep.py" in line)
+
+
+def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space_dict):
+    space = _space_for_interrupt(space_dict, tmp_path)
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray results"  # a space: the printed command quotes it
+    out, resume = _interrupted_sweep(space, "cc", db, storage, tmp_path)
     client = MlflowClient(f"sqlite:///{db}")
     exp = [e.experiment_id for e in client.search_experiments()]
     (parent,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
@@ -194,7 +205,6 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
         if child.info.run_id in interrupted:
             assert "interrupted" in table[child.data.tags["trial_id"]], "shown as interrupted, not pruned"
     epochs_before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "train_loss")) for c in children}
-    assert not _wait_gone(sweep.pid), "no Ray process of the interrupted sweep remains"
     token = auth_token_path()  # the token file this runtime used: private after the sweep
     assert token is None or stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
 
@@ -223,6 +233,39 @@ def test_ctrl_c_then_resume_loses_nothing_and_duplicates_nothing(tmp_path, space
         assert after[0]["epoch"] >= max(1, last_before), (result_file, [r["epoch"] for r in results])
         assert [r["epoch"] for r in after] == list(range(after[0]["epoch"], EPOCHS + 1))
     assert any(0 < n < EPOCHS for run_id, n in epochs_before.items() if run_id in interrupted)
+
+
+@pytest.mark.extended
+def test_ctrl_c_during_the_confirmation_then_resume_finishes_it_once(tmp_path, space_dict):
+    """An armed sweep stopped while it confirms: --resume keeps the search, continues the confirmation runs and
+    logs every epoch once; the comparison is then made over every seed."""
+    tree = yaml.safe_load(_space_for_interrupt(space_dict, tmp_path).read_text())
+    tree.update(num_samples=2, arms="finetune.head_init", confirm={"seeds": 2})
+    tree["parameters"]["finetune.head_init"] = {"values": ["roli", "random"]}
+    space = write_yaml(tmp_path / "armed.yaml", tree)
+    db = tmp_path / "mlflow.db"
+    out, resume = _interrupted_sweep(space, "cf", db, tmp_path / "ray_results", tmp_path, role="confirmation",
+                                     seconds=400)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = [e.experiment_id for e in client.search_experiments()]
+    confirming = client.search_runs(exp, filter_string="tags.sweep_role = 'confirmation'")
+    assert any(c.data.tags["status"] == "interrupted" for c in confirming), [c.data.tags["status"] for c in confirming]
+
+    resumed = subprocess.run(shlex.split(resume), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             start_new_session=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (parent,) = client.search_runs(exp, filter_string="tags.sweep_role = 'parent'")
+    assert parent.info.status == "FINISHED"
+    search = client.search_runs(exp, filter_string="tags.sweep_role = 'trial'")
+    confirming = client.search_runs(exp, filter_string="tags.sweep_role = 'confirmation'")
+    assert len(search) == 2 and sorted(c.data.tags["arm"] for c in search) == ["RanLI", "RoLI"]
+    assert sorted((c.data.tags["arm"], c.data.params["seed"]) for c in confirming) == [
+        ("RanLI", "1"), ("RanLI", "2"), ("RoLI", "1"), ("RoLI", "2")]
+    for run in [*search, *confirming]:
+        assert run.data.tags["status"] == "completed"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), "every epoch logged exactly once"
+    assert parent.data.metrics["diff.RoLI-RanLI.test_robust_acc_n"] == 2
 
 
 def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict, monkeypatch):

@@ -184,7 +184,9 @@ def _whole_run(path: Path, tmp_path: Path, monkeypatch) -> None:
 
     out = tmp_path / "exported"
     assert main(["export", "--name", "run", "--top-k", "1", "--out", str(out), "--tracking-uri", uri]) == 0
-    (exported,) = out.glob("*.yaml")
+    files = sorted(out.glob("*.yaml"))
+    assert len(files) == len(children)  # the best of each arm
+    exported = files[0]
     run_id = exported.read_text().split("MLflow run ", 1)[1].split()[0]
     child = client.get_run(run_id)
     assert main(["train", "--config", str(exported), "--tracking-uri", uri, "--experiment", "rerun"]) == 0
