@@ -164,6 +164,7 @@ ARMED = {
 ARMED["base"]["eval"]["final"] = {"n_examples": 8, "masking": {"n_examples": 8, "more_steps": 10, "square_queries": 20}}
 
 
+@pytest.mark.extended  # about 100 s; the default run's armed paper presets sweep, confirm and export per arm too
 def test_an_armed_sweep_searches_each_arm_equally_confirms_over_seeds_and_compares(tmp_path, monkeypatch,
                                                                                    ray_runtime, capsys):
     monkeypatch.chdir(tmp_path)
