@@ -114,7 +114,7 @@ def main() -> None:
         grid_best, grid_compute = best(points), sum(p.core_seconds for p in points)
         val_gaps, test_gaps, ratios = [], [], []
         for seed, sweep in zip(seeds, sweeps):
-            rows = [r for r in sweep.rows if arm is None or not space.arms or r.sampled.get(space.arms) == arm]
+            rows = [r for r in sweep.rows if space.in_arm(r.sampled, arm)]
             done = [r for r in rows if r in sweep.completed()]
             top = max(done, key=lambda r: r.val_robust_acc, default=None)
             if grid_compute > 0:

@@ -66,7 +66,7 @@ class SweepFacts:
         return [(value, arm_label(self.space.arms, value)) for value in self.space.arm_values()]
 
     def in_arm(self, rows: Sequence[TrialRow], value: Any) -> list[TrialRow]:
-        return [r for r in rows if value is None or case_key(r.sampled.get(self.space.arms)) == case_key(value)]
+        return [r for r in rows if self.space.in_arm(r.sampled, value)]
 
 
 Analysis = Callable[[SweepOutcome, SweepFacts], "Finding | None"]

@@ -611,6 +611,10 @@ class SearchSpace(_Strict):
         """The arms' values in the order written (``[None]``: no arms, one search over everything)."""
         return list(self.parameters[self.arms].values) if self.arms else [None]
 
+    def in_arm(self, sampled: dict[str, Any], value: Any) -> bool:
+        """Whether a trial that sampled ``sampled`` ran in the arm ``value`` (every trial is in arm None)."""
+        return value is None or case_key(sampled.get(self.arms)) == case_key(value)
+
     def conditions(self, key: str) -> list[tuple[dict[str, Any], ParameterSpec]]:
         """``(condition, plain spec)`` of parameter ``key``: ``[({}, spec)]``, or per case of a conditional one
         ``({given: the value itself}, case)`` (e.g. ``({"finetune.head_init": "roli"}, ...)``)."""

@@ -70,18 +70,13 @@ def confirmation_seeds(space: SearchSpace) -> list[int]:
     return [space.base.seed + i for i in range(1, space.confirm.seeds + 1)]
 
 
-def arm_of(space: SearchSpace, row: TrialRow) -> Any:
-    """The arm value a trial ran in (None without arms)."""
-    return row.sampled.get(space.arms) if space.arms else None
-
-
 def ranked_by_arm(space: SearchSpace, rows: list[TrialRow], k: int) -> list[tuple[Any, int, TrialRow]]:
     """Each arm's best ``k`` completed trials with a checkpoint, by best val robust accuracy:
     ``(arm value, rank from 1, row)``, arms in the order written."""
     chosen = []
     for value in space.arm_values():
         mine = [r for r in rows if r.status == TrialState.COMPLETED and r.val_robust_acc is not None
-                and (value is None or case_key(arm_of(space, r)) == case_key(value))]
+                and space.in_arm(r.sampled, value)]
         mine.sort(key=lambda r: -r.val_robust_acc)
         chosen += [(value, rank, row) for rank, row in enumerate(mine[:k], start=1)]
     return chosen

@@ -187,19 +187,18 @@ class ArmedSearch(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.searchers, self.per_arm = searchers, per_arm
         self._arm_of: dict[str, str] = {}
+        self._dealt = {arm: 0 for arm in searchers}
 
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         return not config  # the arms' studies hold the space
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._arm_of:
-            counts = {arm: 0 for arm in self.searchers}
-            for arm in self._arm_of.values():
-                counts[arm] += 1
-            open_arms = [arm for arm, n in counts.items() if n < self.per_arm]
+            open_arms = [arm for arm, n in self._dealt.items() if n < self.per_arm]
             if not open_arms:
                 return Searcher.FINISHED
-            self._arm_of[trial_id] = min(open_arms, key=lambda arm: counts[arm])
+            self._arm_of[trial_id] = min(open_arms, key=self._dealt.__getitem__)
+            self._dealt[self._arm_of[trial_id]] += 1
         return self.searchers[self._arm_of[trial_id]].suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
