@@ -174,7 +174,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     check_storage_path(args.out, "--out")
     study = load_study_config(args.config)
     method = next(iter(study.methods))
-    check_inputs([study.run_config(b, t, method, study.head_inits[0], study.methods[method].lrs[0], study.seeds[0])
+    check_inputs([study.run_config(b, t, method, study.head_inits[0], study.methods[method].grid(study.head_inits[0])[0],
+                                   study.seeds[0])
                   for b in study.backbones for t in study.targets])
     if args.address:
         check_address(args.address)

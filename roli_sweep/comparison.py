@@ -91,6 +91,44 @@ class PairedDifference:
         return None
 
 
+def paired_t_p_value(differences: Sequence[float]) -> float | None:
+    """Two-sided p-value of the paired t test of mean ``differences`` = 0 (scipy ``stats.ttest_1samp``); None
+    with fewer than 2 values or no spread."""
+    if len(differences) < 2 or statistics.stdev(differences) == 0:
+        return None
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def paired_t_power(sd: float, n: int, effect: float, alpha: float = 1 - CONFIDENCE) -> float:
+    """Power of the two-sided paired t test at level ``alpha`` over ``n`` pairs whose differences have standard
+    deviation ``sd``, when the true mean difference is ``effect`` (same units as ``sd``): the probability that
+    it rejects 0, from the noncentral t with n - 1 degrees of freedom and noncentrality effect / (sd / sqrt(n))
+    (scipy ``stats.nct``; Cohen, Statistical Power Analysis, 1988, ch. 2).
+
+    Raises:
+        ValueError: ``n`` below 2 or ``sd`` not positive.
+    """
+    if n < 2 or not sd > 0:
+        raise ValueError(f"paired_t_power: needs n >= 2 and sd > 0, got n={n}, sd={sd}")
+    df, ncp = n - 1, effect / (sd / math.sqrt(n))
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(critical, df, ncp) + stats.nct.cdf(-critical, df, ncp))
+
+
+def pairs_for_power(sd: float, effect: float, power: float = 0.8, alpha: float = 1 - CONFIDENCE,
+                    most: int = 100_000) -> int | None:
+    """The fewest pairs (>= 2) for which :func:`paired_t_power` reaches ``power``; None beyond ``most``."""
+    low, high = 2, 2
+    while paired_t_power(sd, high, effect, alpha) < power:
+        if high >= most:
+            return None
+        low, high = high, min(2 * high, most)
+    while low < high:  # power grows with n: the first n that reaches it
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if paired_t_power(sd, middle, effect, alpha) < power else (low, middle)
+    return high
+
+
 @dataclass
 class Comparison:
     """The confirmation's answer: per arm its confirmed configurations, and per pair of arms (rank 1 of each) the

@@ -633,19 +633,38 @@ class SearchSpace(_Strict):
         return apply_overrides(self.base, sampled)
 
 
+LrGrid = Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1)]
+
+
 class StudyMethod(_Strict):
-    """One transfer method of a study: its parameters and the finetuning learning rates to try."""
+    """One transfer method of a study: its parameters and the finetuning learning rates to try.
+
+    ``lrs`` is one grid shared by the head inits, or one grid per head init (``{random: [...], roli:
+    [...]}``): RoLI usually wants a 5-100x lower finetuning lr than RanLI (../shared/PAPER.md, the
+    paper's CIFAR-10 configs), so a shared grid wide enough for both wastes runs on each.
+    """
 
     params: dict[str, Any] = Field(default_factory=dict, description="the method's method_params")
-    lrs: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1, description="peak finetuning lr grid")
+    lrs: LrGrid | dict[Literal["random", "roli"], LrGrid] = Field(
+        description="peak finetuning lr grid: a list shared by the head inits, or one list per head init")
+
+    def grid(self, head_init: str) -> list[float]:
+        """The lr grid of ``head_init``."""
+        return self.lrs if isinstance(self.lrs, list) else self.lrs[head_init]
+
+    @property
+    def shared(self) -> bool:
+        """One grid for every head init: the inits can then also be compared at a matched lr."""
+        return isinstance(self.lrs, list)
 
 
 class StudyConfig(_Strict):
     """A grid study of the paper's findings F1-F3: source backbones x methods x {RanLI, RoLI} x targets.
 
-    Every cell (backbone, target, method, head_init) tries each lr of its method's grid with the
-    ``selection_seed`` and keeps the one with the best val robust accuracy; the other seeds then run
-    at that lr and at the lr matched between RoLI and RanLI (best mean val robust over both).
+    Every cell (backbone, target, method, head_init) tries each lr of its grid (the method's, or the
+    method's for that head init) with the first seed and keeps the one with the best val robust
+    accuracy; the other seeds then run at that lr and, where the method has one grid for both inits,
+    at the lr matched between RoLI and RanLI (best mean val robust over both).
     """
 
     name: Name = Field(description="study name: the MLflow experiment and the state folder's name")
@@ -670,11 +689,15 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _every_run_valid(self) -> StudyConfig:
+        for method, spec in self.methods.items():
+            if not spec.shared and set(spec.lrs) != set(self.head_inits):
+                raise ValueError(f"methods.{method}.lrs: one grid per head init needs exactly the keys "
+                                 f"{sorted(self.head_inits)} (head_inits), got {sorted(spec.lrs)}")
         for backbone in self.backbones:
             for target in self.targets:
-                for method in self.methods:
-                    self.run_config(backbone, target, method, self.head_inits[0], self.methods[method].lrs[0],
-                                    self.seeds[0])
+                for method, spec in self.methods.items():
+                    for init in self.head_inits:
+                        self.run_config(backbone, target, method, init, spec.grid(init)[0], self.seeds[0])
         return self
 
     def run_config(self, backbone: str, target: str, method: str, head_init: str, lr: float, seed: int) -> TrialConfig:

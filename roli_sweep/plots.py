@@ -152,14 +152,15 @@ def plot_clean_vs_robust(cells, probes, path: Path) -> Path:
 
 def plot_paired_differences(cells, path: Path) -> Path:
     """Study plot: paired RoLI - RanLI test robust accuracy (points, mean +- std over seeds) per method, at
-    each init's own lr and at the matched lr, one panel per (backbone, target); writes a PNG."""
+    each init's own lr over all seeds and over the seeds that did not choose the lr, one panel per
+    (backbone, target); writes a PNG."""
     panels = sorted({(c.backbone, c.target) for c in cells})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=120, squeeze=False, sharey=True)
     for ax, (backbone, target) in zip(axes[0], panels):
         chosen = [c for c in cells if (c.backbone, c.target) == (backbone, target)]
         xs = range(len(chosen))
         for offset, attr, label, color in ((-0.18, "diff_own", "own lr", "tab:blue"),
-                                           (0.18, "diff_matched", "matched lr", "tab:green")):
+                                           (0.18, "diff_held_out", "own lr, held-out seeds", "tab:green")):
             stats = [getattr(c, attr)["test_robust_acc"] for c in chosen]
             ax.bar([x + offset for x in xs], [100 * s.mean if s.n else 0 for s in stats], width=0.36,
                    yerr=[100 * s.std for s in stats], color=color, label=label, capsize=2)

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from roli_sweep.comparison import CONFIDENCE, paired_t_p_value, paired_t_power, pairs_for_power
 from roli_sweep.config import StudyConfig
 from roli_sweep.data import input_side
 from roli_sweep.edges import EdgeWarning, grid_end_warning
@@ -102,8 +103,8 @@ def collect_cells(study: StudyConfig, state: StudyState) -> list[Cell]:
     for (backbone, target, method), choice in chosen_groups(study, state):
         own_runs = {init: _seed_metrics(study, state, backbone, target, method, init, choice.own[init])
                     for init in study.head_inits}
-        matched = {init: _seed_metrics(study, state, backbone, target, method, init, choice.matched)
-                   for init in study.head_inits}
+        matched = {init: (_seed_metrics(study, state, backbone, target, method, init, choice.matched)
+                          if choice.matched is not None else {}) for init in study.head_inits}
         own = {init: {m: Stat([r[m] for r in runs.values()]) for m in METRICS} for init, runs in own_runs.items()}
         # the selection seed chose each lr on val: its test numbers are not independent of that choice
         held_out = {init: {s: m for s, m in runs.items() if s != study.seeds[0]} for init, runs in own_runs.items()}
@@ -126,8 +127,69 @@ def probe_stats(study: StudyConfig, state: StudyState) -> dict[tuple[str, str], 
     return stats
 
 
-def _lr(value: float) -> str:
-    return f"{value:.3g}"
+def _lr(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+F3_EFFECT = 0.02
+"""The RoLI - RanLI difference (2 points of test accuracy) F3's test is powered for: the paper's +2.44 robust
+(+3.88 clean) averaged over five datasets is of this size (../shared/PAPER.md, F3)."""
+
+
+@dataclass
+class F3Test:
+    """F3's paired test over cells: each cell's mean RoLI - RanLI over its held-out seeds (own lr) is one pair, so
+    the unit is the cell and the seeds only sharpen each cell's value. Two-sided paired t test of mean 0, its 95 %
+    interval, and its power for a true mean of :data:`F3_EFFECT` at the spread over cells that was measured."""
+
+    scope: str
+    metric: str
+    differences: list[float]  # per cell, fractions
+
+    @property
+    def n(self) -> int:
+        return len(self.differences)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.differences) if self.n > 1 else 0.0
+
+    def interval(self) -> tuple[float, float] | None:
+        from scipy import stats
+
+        if self.n < 2:
+            return None
+        half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, self.n - 1)) * self.sd / self.n ** 0.5
+        return self.mean - half, self.mean + half
+
+    def line(self) -> str:
+        what = self.metric.removeprefix("test_").removesuffix("_acc")
+        head = f"{self.scope}, test {what}: {100 * self.mean:+.2f} points over {self.n} cells"
+        interval, p = self.interval(), paired_t_p_value(self.differences)
+        if interval is None or p is None:
+            return head + " (too few cells, or no spread, for a test)"
+        power = paired_t_power(self.sd, self.n, F3_EFFECT)
+        needed = pairs_for_power(self.sd, F3_EFFECT)
+        return (f"{head}, 95 % CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}, paired t({self.n - 1}) "
+                f"p = {p:.3g}; SD over cells {100 * self.sd:.2f} points, so the power to detect a true "
+                f"{100 * F3_EFFECT:.0f}-point mean difference at the 5 % level is {power:.2f} "
+                f"({'cells for 80 % power: ' + str(needed) if needed else 'more than 100,000 cells for 80 % power'})")
+
+
+def f3_tests(study: StudyConfig, cells: list[Cell]) -> list[F3Test]:
+    """F3's test per scope (every backbone together, then each) and metric, over the held-out seeds at own lr."""
+    tests = []
+    for scope in ("all", *study.backbones):
+        chosen = [c for c in cells if scope == "all" or c.backbone == scope]
+        for metric in METRICS:
+            values = [c.diff_held_out[metric].mean for c in chosen if c.diff_held_out[metric].n]
+            if values:
+                tests.append(F3Test("all backbones" if scope == "all" else f"{scope} backbone", metric, values))
+    return tests
 
 
 def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str], dict[str, Stat]]) -> tuple[list[str], dict[str, float]]:
@@ -182,6 +244,16 @@ def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str]
                 parts.append(f"{label} {metric.removeprefix('test_').removesuffix('_acc')} "
                              f"{100 * statistics.fmean(means):+.2f} ({positive}/{len(means)})")
         lines.append(f"- {'all backbones' if scope == 'all' else scope + ' backbone'}: " + "; ".join(parts))
+    lines += ["", "**F3's test** (each cell's RoLI - RanLI at its own lrs, averaged over the seeds that did not "
+              "choose the lr, is one pair; two-sided paired t test over cells):"]
+    for test in f3_tests(study, cells):
+        lines.append(f"- {test.line()}")
+        key = f"f3_test_{test.scope.split()[0]}_{test.metric}"
+        p = paired_t_p_value(test.differences)
+        summary[f"{key}_mean"] = test.mean
+        if p is not None:
+            summary[f"{key}_p"] = p
+            summary[f"{key}_power_2pt"] = paired_t_power(test.sd, test.n, F3_EFFECT)
     return lines, summary
 
 
@@ -225,10 +297,19 @@ def lr_grid_edges(study: StudyConfig, cells: list[Cell]) -> dict[str, EdgeWarnin
     for c in cells:
         for init, lr in c.choice.own.items():
             where = f"{c.backbone}-{c.target}-{c.method}-{init}"
-            warning = grid_end_warning("finetune.lr", study.methods[c.method].lrs, lr, where)
+            warning = grid_end_warning("finetune.lr", study.methods[c.method].grid(init), lr, where)
             if warning:
                 edges[where] = warning
     return edges
+
+
+def _grids(method: str, spec) -> str:
+    if spec.shared:
+        return f"{method} {[_lr(v) for v in spec.lrs]}"
+    return f"{method} " + ", ".join(f"{_INIT_LABEL[i]} {[_lr(v) for v in g]}" for i, g in spec.lrs.items())
+
+
+_INIT_LABEL = {"random": "RanLI", "roli": "RoLI"}
 
 
 def write_report(study: StudyConfig, state: StudyState) -> Report:
@@ -260,7 +341,7 @@ def write_report(study: StudyConfig, state: StudyState) -> Report:
         f"Stage 1: {base.probe.epochs} epochs SGD lr {base.probe.lr}; stage 2: {base.finetune.epochs} epochs "
         f"{base.finetune.optimizer} with {base.finetune.warmup_epochs} warm-up epochs. Seeds {study.seeds} "
         f"(lr chosen with seed {study.seeds[0]} on val robust accuracy).",
-        "lr grids: " + "; ".join(f"{m} {[_lr(v) for v in s.lrs]}" for m, s in study.methods.items()) + ".",
+        "lr grids: " + "; ".join(_grids(m, s) for m, s in study.methods.items()) + ".",
         f"Runs: {completed} completed, {failed} failed; {run_seconds / 3600:.2f} h of run time summed over runs "
         "(probes not included).",
         "",

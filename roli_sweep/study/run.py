@@ -2,11 +2,11 @@
 
 The grid is source backbones x transfer methods x {RanLI, RoLI} x targets (a :class:`StudyConfig`).
 Each cell (backbone, target, method, head_init) picks its finetuning learning rate on validation:
-every lr of the method's grid runs with the first seed, and the lr with the best val robust
-accuracy wins. The other seeds then run at each init's own best lr and at the *matched* lr (the
-grid lr with the best val robust accuracy averaged over RoLI and RanLI), so RoLI - RanLI can be
-read both ways (the paper tunes each init separately; at small scale the lr decides much of the
-difference). Test accuracies are never used for any choice.
+every lr of its grid (the method's, or the method's for that head init) runs with the first seed,
+and the lr with the best val robust accuracy wins. The other seeds then run at each init's own best
+lr (the paper tunes each init separately) and, for a method with one grid for both inits, also at
+the *matched* lr (the grid lr with the best val robust accuracy averaged over RoLI and RanLI), so
+RoLI - RanLI can be read both ways. Test accuracies are never used for any choice.
 
 Stage 1 (the adversarial linear probe) depends only on backbone, target and seed, so it runs once
 per (backbone, target, seed) and is shared by every finetuning run, which starts from RNGs reseeded
@@ -161,7 +161,7 @@ def selection_runs(study: StudyConfig) -> list[RunKey]:
     """Every lr of every cell with the first seed: the runs that choose the learning rates."""
     seed = study.seeds[0]
     return [RunKey(b, t, m, init, lr, seed) for b in study.backbones for t in study.targets
-            for m, spec in study.methods.items() for init in study.head_inits for lr in spec.lrs]
+            for m, spec in study.methods.items() for init in study.head_inits for lr in spec.grid(init)]
 
 
 @dataclass
@@ -169,7 +169,7 @@ class LrChoice:
     """The learning rates chosen for one (backbone, target, method) on validation."""
 
     own: dict[str, float]  # head_init -> its best lr
-    matched: float  # the lr best on average over the head inits
+    matched: float | None  # the lr best on average over the head inits; None with a grid per head init
 
 
 def choose_lrs(study: StudyConfig, state: StudyState, group: tuple[str, str, str]) -> LrChoice | None:
@@ -180,15 +180,17 @@ def choose_lrs(study: StudyConfig, state: StudyState, group: tuple[str, str, str
     backbone, target, method = group
     seed = study.seeds[0]
     scores: dict[str, dict[float, float]] = {}
+    spec = study.methods[method]
     for init in study.head_inits:
-        for lr in study.methods[method].lrs:
+        for lr in spec.grid(init):
             record = state.result(RunKey(backbone, target, method, init, lr, seed))
             if record is None:
                 return None
             scores.setdefault(init, {})[lr] = record.metrics.get("val_robust_acc", -1.0)
     own = {init: max(by_lr, key=by_lr.get) for init, by_lr in scores.items()}
-    lrs = study.methods[method].lrs
-    matched = max(lrs, key=lambda lr: statistics.fmean(scores[init][lr] for init in study.head_inits))
+    if not spec.shared:
+        return LrChoice(own, None)
+    matched = max(spec.lrs, key=lambda lr: statistics.fmean(scores[init][lr] for init in study.head_inits))
     return LrChoice(own, matched)
 
 
@@ -201,9 +203,10 @@ def chosen_groups(study: StudyConfig, state: StudyState) -> Iterator[tuple[tuple
 
 
 def seed_runs(study: StudyConfig, state: StudyState) -> list[RunKey]:
-    """The remaining seeds' runs of every group whose lrs are chosen: own best lr and matched lr per init."""
+    """The remaining seeds' runs of every group whose lrs are chosen: own best lr (and matched lr, if any) per init."""
     return [RunKey(*group, init, lr, seed) for group, choice in chosen_groups(study, state)
-            for init in study.head_inits for lr in sorted({choice.own[init], choice.matched})
+            for init in study.head_inits
+            for lr in sorted({choice.own[init]} | ({choice.matched} if choice.matched is not None else set()))
             for seed in study.seeds[1:]]
 
 
