@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -102,6 +103,13 @@ class DataConfig(_Strict):
     test_size: PositiveInt | None = Field(None, description="cap on test images (stratified subsample, fixed seed 0)")
     image_size: Side | None = Field(None, description="resize images to this square side in pixels; None keeps the native size "
                                            "(image-list datasets need it: their images differ in size)")
+    augment: Literal["reference", "none"] = Field(
+        "none", description="image-list datasets: 'reference' trains on the RoLI code's RandomCrop(image_size) + "
+        "RandomHorizontalFlip of the image resized to image_size / 0.875 (src/data/transforms.py), 'none' on the "
+        "centre crop every split is evaluated on")
+    num_workers: NonNegativeInt | None = Field(
+        None, le=1024, description="image-list datasets: DataLoader worker processes per loader; None = the trial's "
+        "CPUs (0: read in the trial's own process)")
 
     @field_validator("name")
     @classmethod
@@ -133,8 +141,11 @@ class DataConfig(_Strict):
             if missing:
                 raise ValueError(f"dataset {self.name!r} needs {' and '.join(missing)}: root is the folder the split "
                                  "files' image paths are relative to, image_size the side all images are resized to")
-        elif self.split_dir is not None:
-            raise ValueError(f"split_dir is for the image-list datasets {sorted(IMAGE_LIST_DATASETS)}, not {self.name!r}")
+        else:
+            for key, unset in (("split_dir", None), ("augment", "none"), ("num_workers", None)):
+                if getattr(self, key) != unset:
+                    raise ValueError(f"{key} is for the image-list datasets {sorted(IMAGE_LIST_DATASETS)}, not "
+                                     f"{self.name!r} (held in memory, without augmentation)")
         return self
 
 

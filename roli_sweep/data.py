@@ -2,8 +2,10 @@
 
 Each registered loader returns the dataset's own train and test splits as uint8 / float tensors;
 :func:`load_splits` then applies the options every dataset shares (class subset, stratified
-train/val split by seed, size caps, resize). Everything is held in memory: the datasets a CPU
-study uses are small, and a trial re-reads them in well under a second.
+train/val split by seed, size caps, resize). The small datasets (digits, Fashion-MNIST, CIFAR) are held in
+memory: a trial re-reads them in well under a second. The image-list datasets are decoded once per node into
+an on-disk cache (:mod:`roli_sweep.image_cache`) and streamed from it by DataLoader workers with the
+reference's crops and flips (:mod:`roli_sweep.image_stream`).
 
 Registered here:
 - ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8, 10 classes), always
@@ -47,6 +49,8 @@ from roli_sweep.messages import shown
 
 if TYPE_CHECKING:
     from roli_sweep.config import DataConfig
+    from roli_sweep.image_cache import DecodedImages
+    from roli_sweep.image_stream import StreamedImages
 
 
 @dataclass
@@ -55,6 +59,8 @@ class RawSplits:
 
     ``val_images`` / ``val_labels`` are a fixed validation split where the dataset has one
     (``imagefolder`` with ``val.json``); otherwise None and :func:`load_splits` draws one from train.
+    With ``decoded`` (the image-list datasets), the "images" are (N,) int64 rows of that cache instead, and the
+    images are streamed from it (:mod:`roli_sweep.image_stream`).
     """
 
     train_images: torch.Tensor
@@ -64,6 +70,7 @@ class RawSplits:
     class_names: list[str]
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
+    decoded: DecodedImages | None = None
 
 
 class ImageDataset(TensorDataset):
@@ -77,11 +84,12 @@ class ImageDataset(TensorDataset):
 
 @dataclass
 class DataSplits:
-    """What a trial uses: three disjoint splits of (image (C, H, W) float in [0, 1], label) pairs."""
+    """What a trial uses: three disjoint splits of (image (C, H, W) float in [0, 1], label) pairs, in memory
+    (:class:`ImageDataset`) or streamed from the decoded-image cache (:class:`StreamedImages`)."""
 
-    train: ImageDataset
-    val: ImageDataset
-    test: ImageDataset
+    train: ImageDataset | StreamedImages
+    val: ImageDataset | StreamedImages
+    test: ImageDataset | StreamedImages
     class_names: list[str]
 
     @property
@@ -301,16 +309,6 @@ def _read_split_file(path: Path) -> dict[str, int]:
     return entries
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """One image file as uint8 (3, size, size): RGB, shorter side resized to ``size / CROP_FRACTION``, centre crop."""
-    from PIL import Image
-
-    tf = import_torchvision().transforms.functional
-    with Image.open(path) as img:
-        img = tf.center_crop(tf.resize(img.convert("RGB"), round(size / CROP_FRACTION)), [size, size])
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
 def _class_names(splits: dict[str, dict[str, int]], ids: list[int]) -> list[str]:
     """Per label id: the one folder all its images sit in (e.g. ``001.ak47``), else the id itself."""
     folders: dict[int, set[str]] = {i: set() for i in ids}
@@ -352,36 +350,47 @@ def _image_list_splits(cfg: DataConfig) -> tuple[dict[str, dict[str, int]], list
 
 
 def load_image_list(cfg: DataConfig) -> RawSplits:
-    """Images listed in JSON split files (the reference code's format), decoded and resized in memory.
+    """Images listed in JSON split files (the reference code's format), decoded once per node into the
+    decoded-image cache (:mod:`roli_sweep.image_cache`) and streamed from it.
 
     Split files come from ``cfg.split_dir`` (default ``cfg.root``); image paths in them are relative
-    to ``cfg.root``. Every image is converted to RGB, its shorter side resized to
-    ``image_size / CROP_FRACTION`` and centre-cropped to ``image_size`` (the reference code's
-    evaluation transform; it trains on random crops of the same size). Label ids are mapped to
+    to ``cfg.root``. Every image is converted to RGB and its shorter side resized to
+    ``image_size / CROP_FRACTION`` (the reference's ``Resize(256)`` for 224) in the cache; the crops to
+    ``image_size`` happen per sample (:class:`roli_sweep.image_stream.StreamedImages`). Label ids are mapped to
     0..k-1 in sorted order over all split files together, so every split uses the same mapping
-    (the reference maps each split on its own). Images stay uint8 in memory: N * 3 * image_size**2
-    bytes, e.g. about 4.5 GB for Caltech-256's ~30k images at 224.
+    (the reference maps each split on its own).
 
     Returns:
-        RawSplits with images (N, 3, image_size, image_size) uint8, and the val split
-        from ``val.json`` when it exists.
+        RawSplits whose "images" are (N,) int64 rows of ``decoded``, with the val split from ``val.json`` when
+        it exists.
 
     Raises:
         FileNotFoundError: ``train.json`` / ``test.json`` or an image file is missing.
         ValueError: a split file is malformed, or a preset's split files do not have its number of labels.
+        OSError: an image file cannot be read or is not an image (the message names it).
     """
+    from roli_sweep.image_cache import decoded_images
+
     splits, ids = _image_list_splits(cfg)
-    root = Path(cfg.root)
+    split_dir = Path(cfg.split_dir or cfg.root)
     contiguous = {label: i for i, label in enumerate(ids)}
+    listed = list(dict.fromkeys(rel for entries in splits.values() for rel in entries))
+    decoded, _ = decoded_images(Path(cfg.root), listed, [split_dir / f"{s}.json" for s in splits],
+                                round(cfg.image_size / CROP_FRACTION), cache_dir(), loader_workers(cfg))
 
     def read(entries: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = np.stack([_load_image(root / rel, cfg.image_size) for rel in entries])
-        labels = [contiguous[label] for label in entries.values()]
-        return torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)  # uint8: 1 byte per pixel
+        rows = torch.from_numpy(decoded.rows(entries))
+        return rows, torch.tensor([contiguous[label] for label in entries.values()], dtype=torch.long)
 
     data = {s: read(entries) for s, entries in splits.items()}
     val_images, val_labels = data.get("val", (None, None))
-    return RawSplits(*data["train"], *data["test"], _class_names(splits, ids), val_images, val_labels)
+    return RawSplits(*data["train"], *data["test"], _class_names(splits, ids), val_images, val_labels, decoded)
+
+
+def loader_workers(cfg: DataConfig) -> int:
+    """DataLoader workers for a streamed dataset: ``data.num_workers``, else the threads torch was given (the
+    trial's CPUs, :func:`roli_sweep.tune.trainable.trainable`)."""
+    return cfg.num_workers if cfg.num_workers is not None else torch.get_num_threads()
 
 
 for _name in IMAGE_LIST_DATASETS:  # imagefolder and its presets share one loader
@@ -468,6 +477,16 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     val_x, val_y = val_x[keep], val_y[keep]
     keep = _stratified_take(test_y, cfg.test_size, 0)
     test_x, test_y = test_x[keep], test_y[keep]
+
+    if raw.decoded is not None:
+        from roli_sweep.image_stream import StreamedImages
+
+        def stream(rows: torch.Tensor, labels: torch.Tensor, augments: bool) -> StreamedImages:
+            return StreamedImages(raw.decoded, rows, labels, cfg.image_size, augments, loader_workers(cfg))
+
+        reference = cfg.augment == "reference"
+        return DataSplits(stream(train_x, train_y, reference), stream(val_x, val_y, False),
+                          stream(test_x, test_y, False), names)
 
     def resize(x: torch.Tensor) -> torch.Tensor:
         if cfg.image_size is None or x.shape[-2:] == (cfg.image_size, cfg.image_size):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 import yaml
 
 torch.set_num_threads(1)
+# derived files (the decoded-image cache, Fashion-MNIST's unpacked IDX files) go to a folder of this test session,
+# set before any Ray runtime starts so that its trials inherit it
+os.environ.setdefault("ROLI_SWEEP_CACHE", tempfile.mkdtemp(prefix="roli_sweep_cache_"))
 
 TINY_KWARGS = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2}
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from roli_sweep._torchvision_compat import import_torchvision
 from roli_sweep.config import DataConfig
 from roli_sweep.data import load_splits
+from roli_sweep.image_stream import StreamedImages
 
 
 def test_digits_splits_are_disjoint_in_range_and_deterministic():
@@ -153,8 +154,8 @@ def test_imagefolder_uses_fixed_val_split_and_maps_labels(tmp_path):
     a, b = load_splits(cfg, seed=0), load_splits(cfg, seed=1)
     assert a.class_names == ["009.class9", "000.class0"]
     assert (len(a.train), len(a.val), len(a.test)) == (8, 4, 6)  # val is val.json's, not carved from train
-    assert torch.equal(a.val.tensors[0], b.val.tensors[0]), "a fixed val split does not move with the seed"
-    assert a.train.tensors[0].dtype == torch.uint8, "image lists are held as uint8 (a quarter of float32's memory)"
+    assert torch.equal(a.val.rows, b.val.rows), "a fixed val split does not move with the seed"
+    assert isinstance(a.train, StreamedImages), "image lists are streamed from the decoded-image cache"
     samples = [a.train[i] for i in range(len(a.train))]
     x, y = torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
     assert x.shape[1:] == (3, 8, 8) and x.dtype == torch.float32  # each sample comes out float in [0, 1]
@@ -169,7 +170,7 @@ def test_imagefolder_without_val_file_carves_val_and_caps(tmp_path):
                      val_fraction=0.2, train_size=8)
     s = load_splits(cfg, seed=0)
     assert (len(s.train), len(s.val), len(s.test)) == (8, 4, 4)
-    assert torch.bincount(s.val.tensors[1]).tolist() == [2, 2]
+    assert torch.bincount(s.val.labels).tolist() == [2, 2]
 
 
 def test_image_list_presets_check_their_class_count(tmp_path):
@@ -186,6 +187,10 @@ def test_image_list_config_and_files_are_checked(tmp_path):
         DataConfig(name="caltech256", root=str(tmp_path))
     with pytest.raises(ValidationError, match="split_dir is for the image-list datasets"):
         DataConfig(name="digits", split_dir=str(tmp_path))
+    with pytest.raises(ValidationError, match="augment is for the image-list datasets"):
+        DataConfig(name="cifar10", augment="reference")
+    with pytest.raises(ValidationError, match="augment"):
+        DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, augment="randaugment")
     with pytest.raises(FileNotFoundError, match="needs train.json and test.json"):
         load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8), seed=0)
     root, split_dir = _write_image_list(tmp_path, [0, 1], {"train": 2, "test": 1})

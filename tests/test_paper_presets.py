@@ -102,6 +102,8 @@ def test_preset_states_the_reference_setting(path):
     assert cfg.backbone.name == "swin_base_patch4_window7_224"
     assert cfg.backbone.kwargs == {"drop_path_rate": 0.5}
     assert cfg.finetune.random_head_init == "reference" and cfg.finetune.backbone_mode == "auto"
+    # the reference's train-time crop and flip where the images are streamed (CIFAR stays in memory, unaugmented)
+    assert cfg.data.augment == ("reference" if dataset in ("caltech256", "cub200", "stanford_dogs") else "none")
     # the reference's optimisers: lr = BASE_LR x 64 / 256; SGD probe; AdamW with weight decay 0.01 (hard-coded)
     # and no decay on names containing 'bias'; SGD without weight decay where its config says 0
     probe_lr, probe_wd = REF[("linear", dataset)]["ranli"]

@@ -17,6 +17,7 @@ from roli_sweep.core.train import (
     evaluate,
     make_loader,
     make_optimizer,
+    order_generator,
     warmup_cosine,
 )
 from roli_sweep.data import DataSplits
@@ -79,7 +80,7 @@ class Stage:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best": dict(self.best), "best_state": self.best_state,
                 "rng": {"torch": torch.get_rng_state(), "attacks": self.runtime.generator.get_state(),
-                        "data_order": self.train_loader.generator.get_state()}}
+                        "data_order": order_generator(self.train_loader).get_state()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the epoch :meth:`state_dict` was taken at."""
@@ -89,7 +90,7 @@ class Stage:
         self.best, self.best_state, self.epoch = state["best"], state["best_state"], state["epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         self.runtime.generator.set_state(state["rng"]["attacks"])
-        self.train_loader.generator.set_state(state["rng"]["data_order"])
+        order_generator(self.train_loader).set_state(state["rng"]["data_order"])
 
     def epochs(self, label: str) -> Iterator[dict[str, float]]:
         """Run the epochs after :attr:`epoch`, yielding each one's metrics.

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from roli_sweep.core.attacks import pgd, pgd_broken
 from roli_sweep.config import AttackConfig, StageConfig
+from roli_sweep.image_stream import SeededSampler, StreamedImages
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,10 +70,26 @@ def step_size(attack: AttackConfig, steps: int) -> float:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, device: torch.device) -> DataLoader:
-    """A loader over in-memory tensors; the shuffle order is fixed by ``seed``; pinned memory for CUDA."""
+    """A loader whose order (and, for a streamed dataset, whose crops and flips) ``seed`` fixes; pinned memory for
+    CUDA. In-memory datasets are read in the trial's process; a :class:`StreamedImages` by its ``workers``
+    persistent worker processes (torch DataLoader docs: workers, pin_memory, persistent_workers), its samples
+    drawn with :class:`SeededSampler` so the seed fixes them whatever the workers do."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
-                      pin_memory=device.type == "cuda")
+    options = {"batch_size": batch_size, "generator": generator, "drop_last": False, "pin_memory": device.type == "cuda"}
+    if not isinstance(dataset, StreamedImages):
+        return DataLoader(dataset, shuffle=shuffle, **options)
+    if dataset.workers:
+        options.update(num_workers=dataset.workers, persistent_workers=True)
+    # the loader draws its workers' base seed from its own generator once per iterator (with persistent workers,
+    # once per loader), so the order and the crops come from a generator of their own
+    order = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, sampler=SeededSampler(len(dataset), shuffle, order), **options)
+
+
+def order_generator(loader: DataLoader) -> torch.Generator:
+    """The generator whose state fixes ``loader``'s next epochs (order, and crops and flips of a streamed dataset):
+    what a resumable stage saves and restores."""
+    return loader.sampler.generator if isinstance(loader.sampler, SeededSampler) else loader.generator
 
 
 def parameter_groups(model: nn.Module, stage: StageConfig) -> list[dict]:
