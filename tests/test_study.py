@@ -111,3 +111,32 @@ def test_the_study_report_names_the_cells_whose_lr_won_at_a_grid_end(study_dict)
                              choice=SimpleNamespace(own={"roli": 1e-2, "random": 3e-3}))]
     edges = lr_grid_edges(study, cells)
     assert list(edges) == ["a-digits-lora-roli"] and edges["a-digits-lora-roli"].bound == "max"
+
+
+def test_a_grid_per_head_init_selects_each_init_on_its_own_grid(study_dict):
+    from pydantic import ValidationError
+
+    from roli_sweep.study.run import selection_runs
+
+    study_dict["methods"]["lora"]["lrs"] = {"random": [1e-2, 3e-2], "roli": [1e-3]}
+    study = StudyConfig.model_validate(study_dict)
+    lora = {(k.head_init, k.lr) for k in selection_runs(study) if k.method == "lora" and k.backbone == "a"}
+    assert lora == {("random", 1e-2), ("random", 3e-2), ("roli", 1e-3)}
+    study_dict["methods"]["lora"]["lrs"] = {"roli": [1e-3]}  # RanLI's grid missing
+    with pytest.raises(ValidationError, match="methods.lora.lrs: one grid per head init needs exactly the keys"):
+        StudyConfig.model_validate(study_dict)
+
+
+def test_f3_power_matches_a_simulated_paired_t_test():
+    import numpy as np
+    from scipy import stats
+
+    from roli_sweep.comparison import paired_t_power, pairs_for_power
+
+    assert paired_t_power(3.0, 12, 0.0) == pytest.approx(0.05)  # no effect: the test's level
+    rng = np.random.default_rng(0)
+    draws = rng.normal(2.0, 3.0, (20_000, 12))
+    simulated = (stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05).mean()
+    assert paired_t_power(3.0, 12, 2.0) == pytest.approx(simulated, abs=0.015)
+    n = pairs_for_power(3.0, 2.0)
+    assert paired_t_power(3.0, n, 2.0) >= 0.8 > paired_t_power(3.0, n - 1, 2.0)
