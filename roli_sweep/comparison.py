@@ -74,10 +74,7 @@ class PairedDifference:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        if self.n < 2:
-            return None
-        half = self.t_quantile * statistics.stdev(self.differences) / math.sqrt(self.n)
-        return self.mean - half, self.mean + half
+        return paired_t_interval(self.differences)
 
     def caveat(self) -> str | None:
         """What the reader must know about this interval's strength, or None when the seeds are enough."""
@@ -89,6 +86,17 @@ class PairedDifference:
                     f"{self.t_quantile:.2f} with {self.n - 1} degrees of freedom: it is wide, and only a large "
                     f"difference excludes 0; more seeds (confirm.seeds) narrow it")
         return None
+
+
+def paired_t_interval(differences: Sequence[float]) -> tuple[float, float] | None:
+    """The 95 % paired t interval of the mean of ``differences`` (Student's t, n - 1 degrees of freedom); None
+    with fewer than 2 values."""
+    n = len(differences)
+    if n < 2:
+        return None
+    mean = statistics.fmean(differences)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def paired_t_p_value(differences: Sequence[float]) -> float | None:

@@ -81,7 +81,6 @@ class DecodedImages:
     index: np.ndarray
     paths: list[str]
     resize: int
-    build_seconds: float
     _fd: int | None = None
 
     def __len__(self) -> int:
@@ -118,7 +117,7 @@ class DecodedImages:
     @classmethod
     def load(cls, folder: Path) -> DecodedImages:
         meta = json.loads((folder / "meta.json").read_text())
-        return cls(folder, np.load(folder / "index.npy"), meta["paths"], meta["resize"], meta["build_seconds"])
+        return cls(folder, np.load(folder / "index.npy"), meta["paths"], meta["resize"])
 
 
 def decoded_images(root: Path, relative_paths: Sequence[str], split_files: Sequence[Path], resize: int,

@@ -84,7 +84,8 @@ def probe_settings(cfg: TrialConfig) -> dict:
     """Everything stage 1 of ``cfg`` depends on, as plain data (the weights by their sha256)."""
     data = cfg.model_dump(mode="json")
     return {
-        "data": data["data"], "backbone": data["backbone"], "weights_sha256": _weights_sha256(cfg.backbone.weights),
+        # the loader's worker count changes where images are read, not which (tests/test_image_stream.py)
+        "data": {k: v for k, v in data["data"].items() if k != "num_workers"}, "backbone": data["backbone"], "weights_sha256": _weights_sha256(cfg.backbone.weights),
         "probe": data["probe"], "attack": data["attack"],
         "eval": {k: v for k, v in data["eval"].items() if k not in ("final", "test_steps")},
         "random_head_init": data["finetune"]["random_head_init"],

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from roli_sweep.comparison import CONFIDENCE, paired_t_p_value, paired_t_power, pairs_for_power
+from roli_sweep.comparison import paired_t_interval, paired_t_p_value, paired_t_power, pairs_for_power
 from roli_sweep.config import StudyConfig
 from roli_sweep.data import input_side
 from roli_sweep.edges import EdgeWarning, grid_end_warning
@@ -158,21 +158,21 @@ class F3Test:
     def sd(self) -> float:
         return statistics.stdev(self.differences) if self.n > 1 else 0.0
 
-    def interval(self) -> tuple[float, float] | None:
-        from scipy import stats
+    @property
+    def p_value(self) -> float | None:
+        return paired_t_p_value(self.differences)
 
-        if self.n < 2:
-            return None
-        half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, self.n - 1)) * self.sd / self.n ** 0.5
-        return self.mean - half, self.mean + half
+    @property
+    def power(self) -> float | None:
+        """Power for a true mean of :data:`F3_EFFECT`; None where the test cannot run (see :attr:`p_value`)."""
+        return paired_t_power(self.sd, self.n, F3_EFFECT) if self.p_value is not None else None
 
     def line(self) -> str:
         what = self.metric.removeprefix("test_").removesuffix("_acc")
         head = f"{self.scope}, test {what}: {100 * self.mean:+.2f} points over {self.n} cells"
-        interval, p = self.interval(), paired_t_p_value(self.differences)
+        interval, p, power = paired_t_interval(self.differences), self.p_value, self.power
         if interval is None or p is None:
             return head + " (too few cells, or no spread, for a test)"
-        power = paired_t_power(self.sd, self.n, F3_EFFECT)
         needed = pairs_for_power(self.sd, F3_EFFECT)
         return (f"{head}, 95 % CI {100 * interval[0]:+.2f} to {100 * interval[1]:+.2f}, paired t({self.n - 1}) "
                 f"p = {p:.3g}; SD over cells {100 * self.sd:.2f} points, so the power to detect a true "
@@ -249,11 +249,10 @@ def findings(study: StudyConfig, cells: list[Cell], probes: dict[tuple[str, str]
     for test in f3_tests(study, cells):
         lines.append(f"- {test.line()}")
         key = f"f3_test_{test.scope.split()[0]}_{test.metric}"
-        p = paired_t_p_value(test.differences)
         summary[f"{key}_mean"] = test.mean
-        if p is not None:
-            summary[f"{key}_p"] = p
-            summary[f"{key}_power_2pt"] = paired_t_power(test.sd, test.n, F3_EFFECT)
+        if test.p_value is not None:
+            summary[f"{key}_p"] = test.p_value
+            summary[f"{key}_power_2pt"] = test.power
     return lines, summary
 
 
