@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-samples", type=int, help="override the space's num_samples")
     sweep.add_argument("--max-concurrent", type=int, help="override the space's max_concurrent")
     sweep.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    sweep.add_argument("--study-storage", metavar="URL",
+                       help="database of the Optuna studies, e.g. postgresql+psycopg2://USER@HOST/optuna for a "
+                            "cluster (default: SQLite in the sweep's folder, <storage-path>/<name>/optuna.db)")
     sweep.add_argument("--name", help="sweep name (default: <space name>-<timestamp>); required with --resume")
     sweep.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name")
     sweep.add_argument("--seed-from", metavar="SWEEP",
@@ -114,9 +117,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console.print(marked("[bold]sweep[/] {}: {}", name, summary))
     outcome = run_sweep(space, args.space, name, args.tracking_uri, args.storage_path, address=args.address,
                         num_cpus=args.num_cpus, resume=args.resume, probe_cache=not args.no_probe_cache,
-                        seed_from=args.seed_from)
+                        seed_from=args.seed_from, study_storage=args.study_storage)
     resume = command("--space", args.space, "--name", name, "--resume", "--tracking-uri", args.tracking_uri,
-                     "--storage-path", args.storage_path, *(("--address", args.address) if args.address else ()))
+                     "--storage-path", args.storage_path, *(("--address", args.address) if args.address else ()),
+                     *(("--study-storage", args.study_storage) if args.study_storage else ()))
     print_sweep_end(console, outcome, space)
     print_sweep_next_steps(console, outcome, resume)
     return INTERRUPTED_EXIT if outcome.interrupted else 1 if outcome.all_failed() else 0

@@ -8,6 +8,7 @@ never appear as a component, and no quote can change an MLflow query.
 """
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any
@@ -67,3 +68,9 @@ def arm_label(arms: str | None, value: Any) -> str:
     if arms is None:
         return "all trials"
     return ARM_NAMES.get((arms, case_key(value)), f"{arms.split('.')[-1]}={case_key(value)}")
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """A trial's sampled config as one string (keys sorted): finds the tags planned for a confirmation run and tells
+    whether a trial's saved epoch (:mod:`roli_sweep.tune.epoch_store`) is of the same config."""
+    return json.dumps(config, sort_keys=True, default=str)

@@ -91,6 +91,39 @@ def check_tracking_uri(uri: str, key: str = "--tracking-uri") -> None:
         raise ConfigError(f"{key}: value {shown(uri)}: {str(path)!r} is not a file this user can read and write")
 
 
+def check_study_storage(url: str | None, key: str = "--study-storage") -> None:
+    """The database URL for a sweep's Optuna studies is one SQLAlchemy reads, with its driver installed
+    (``postgresql+psycopg2://`` needs the ``cluster`` extra), and for SQLite names a file in a folder that exists.
+
+    Raises:
+        ConfigError: naming ``key``, the URL (password hidden) and what is allowed.
+    """
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{key}: value {shown(url)} is not a database URL; give DIALECT[+DRIVER]://USER@HOST[:PORT]/"
+                          "DATABASE (e.g. postgresql+psycopg2://roli@127.0.0.1:5432/optuna) or sqlite:///PATH") from None
+    hidden = shown(parsed.render_as_string(hide_password=True))
+    try:
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"{key}: value {hidden}: SQLAlchemy has no dialect {parsed.drivername!r}; "
+                          "postgresql+psycopg2 and sqlite are the tested ones") from None
+    except ImportError as error:
+        raise ConfigError(f"{key}: value {hidden}: its database driver is not installed ({error}); for PostgreSQL "
+                          "install roli_sweep's cluster extra (pip install -e '.[cluster]')") from None
+    if parsed.get_backend_name() == "sqlite":
+        folder = Path(parsed.database or "").parent
+        if not parsed.database or parsed.database == ":memory:" or not folder.is_dir():
+            raise ConfigError(f"{key}: value {hidden}: a SQLite study storage needs a file in a folder that exists, "
+                              "sqlite:///PATH")
+
+
 def check_storage_path(path: Path, key: str = "--storage-path") -> None:
     """``path`` is a folder this user can write, or can be made in one (nothing is created here).
 
@@ -246,6 +279,7 @@ def check_sweep(args: Namespace) -> tuple[SearchSpace, str]:
                           f"from {args.seed_from!r}")
     check_storage_path(args.storage_path)
     check_tracking_uri(args.tracking_uri)
+    check_study_storage(args.study_storage)
     if args.resume or args.seed_from:
         check_sweep_exists(args.storage_path, args.name if args.resume else args.seed_from,
                            "--resume --name" if args.resume else "--seed-from",

@@ -1,10 +1,11 @@
 """A study on Ray Tune: Optuna TPE samples, ASHA prunes on validation robust accuracy, MLflow records.
 
 Each Ray Tune trial runs :func:`roli_sweep.core.trial.run_trial` on the search space's base config with
-the sampled values filled in, reporting once per finetune epoch with a checkpoint
-(:mod:`roli_sweep.tune.trainable`); ASHA's ``time_attr`` is that ``epoch``, so rungs count finetune
+the sampled values filled in, reporting once per finetune epoch, each epoch saved first
+(:mod:`roli_sweep.tune.trainable`, :mod:`roli_sweep.tune.epoch_store`); ASHA's ``time_attr`` is that ``epoch``, so rungs count finetune
 epochs (grace period first). Trials that raise or diverge are recorded as failed, with their own
-exception, and the sweep goes on. The Optuna study is stored in ``<storage>/<sweep>/optuna.db``. A space with
+exception, and the sweep goes on. The Optuna study is stored in ``<storage>/<sweep>/optuna.db`` (SQLite), or in the
+database ``study_storage`` names (PostgreSQL on a cluster: README, "On a cluster"). A space with
 ``arms`` searches each arm in its own study with its own ASHA brackets and an equal share of the trials
 (:class:`~roli_sweep.tune.searcher.ArmedSearch`, :class:`~roli_sweep.tune.scheduler.ArmedScheduler`).
 
@@ -16,7 +17,7 @@ by seed (:mod:`roli_sweep.comparison`); then each arm's best ``final_top_k`` get
 Ctrl+C stops the trials after their current step (Ray Tune's graceful stop), marks the parent run and
 the unfinished child runs KILLED with tag ``status=interrupted``, skips the final evaluation and
 returns ``interrupted``; a second Ctrl+C exits at once (status 130). ``resume`` keeps the completed
-trials, continues the unfinished ones after their last checkpointed epoch, reuses the parent run and
+trials, continues the unfinished ones after their last saved epoch, reuses the parent run and
 then runs the final evaluation. References: Ray Tune ``Tuner`` / ``OptunaSearch`` / ``ASHAScheduler``
 docs; Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 import optuna
@@ -36,13 +37,14 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from roli_sweep.analysis import SweepFacts, analyse_sweep
-from roli_sweep.names import arm_label, case_key, study_name
+from roli_sweep.names import arm_label, case_key, config_fingerprint, study_name
 from roli_sweep.config import SearchSpace, TrialConfig, apply_overrides
 from roli_sweep.console import FinalProgress
 from roli_sweep.records import SweepOutcome, TrialRow, TrialState
 from roli_sweep.tracking import log_sweep_end, mark_interrupted, start_parent_run, trial_status
 from roli_sweep.tune.auth_token import make_token_private
-from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback, config_fingerprint
+from roli_sweep.tune.callbacks import ConsoleProgress, MlflowTrialCallback
+from roli_sweep.tune.epoch_store import TRIAL_STATE, EpochStore
 from roli_sweep.tune.failures import failure_reason
 from roli_sweep.tune.final_pool import FinalJob, run_final_jobs
 from roli_sweep.tune.interrupt import Interruption
@@ -53,7 +55,7 @@ from roli_sweep.tune.trainable import run_tune_trial
 from roli_sweep.widening import save_sweep_space
 
 OPTUNA_DB = "optuna.db"
-"""The sweep's Optuna study, in its Ray Tune experiment folder (SQLite RDB storage)."""
+"""The sweep's Optuna study, in its Ray Tune experiment folder (SQLite RDB storage), unless ``study_storage`` is given."""
 
 PROBE_CACHE = "probe_cache"
 """In the sweep's folder: the stage-1 probes its trials share (:mod:`roli_sweep.core.probe_cache`)."""
@@ -82,18 +84,22 @@ def ranked_by_arm(space: SearchSpace, rows: list[TrialRow], k: int) -> list[tupl
     return chosen
 
 
-def _rows(results: tune.ResultGrid, finetune_epochs: int) -> list[TrialRow]:
+def _rows(results: tune.ResultGrid, finetune_epochs: int, state_root: Path, experiment: str) -> list[TrialRow]:
+    """The trials of one Ray Tune experiment (``experiment``: the sweep's name or :data:`CONFIRMATION`); a completed
+    trial's ``checkpoint`` is its saved last epoch (:class:`~roli_sweep.tune.epoch_store.EpochStore`)."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
         status = trial_status(finetune_epochs, metrics.get("epoch"), result.error is not None)
+        saved = EpochStore(state_root, experiment, trial_id, config).latest() if status == TrialState.COMPLETED else None
         rows.append(TrialRow(
-            trial_id=metrics.get("trial_id") or Path(result.path).name, sampled=config, status=status,
+            trial_id=trial_id, sampled=config, status=status,
             epochs=int(metrics.get("epoch", 0)), val_clean_acc=metrics.get("best_val_clean_acc"),
             val_robust_acc=metrics.get("best_val_robust_acc"), test_clean_acc=metrics.get("test_clean_acc"),
             test_robust_acc=metrics.get("test_robust_acc"),
-            checkpoint=result.checkpoint.path if result.checkpoint and status == TrialState.COMPLETED else None,
+            checkpoint=str(saved[0]) if saved else None,
             error=failure_reason(result.error) if result.error else None,
             seconds=float(metrics.get("time_total_s", 0.0))))
     return rows
@@ -110,6 +116,8 @@ def run_sweep(
     resume: bool = False,
     probe_cache: bool = True,
     seed_from: str | None = None,
+    trial_fn: Callable[..., Any] | None = None,
+    study_storage: str | None = None,
 ) -> SweepOutcome:
     """Run (or resume) the study described by ``space``.
 
@@ -122,11 +130,16 @@ def run_sweep(
         address: join this Ray cluster (``ray.init(address=...)``); None starts a local runtime.
         num_cpus: CPUs for a local runtime (None = all); ignored when joining a cluster.
         resume: continue the interrupted sweep ``name`` (``Tuner.restore``: completed and failed trials kept,
-            unfinished ones continued from their last checkpoint).
+            unfinished ones continued after their last saved epoch).
         probe_cache: share stage 1 between trials with the same probe settings
             (:mod:`roli_sweep.core.probe_cache`, in ``<storage_path>/<name>/probe_cache``).
         seed_from: a finished sweep in ``storage_path`` whose finished trials start this new sweep's Optuna
             study (``space`` widens that sweep's, :mod:`roli_sweep.widening`, checked by the caller).
+        study_storage: the SQLAlchemy URL of the database holding the sweep's Optuna studies (named
+            ``<sweep>[.<arm>]``, so one database holds many sweeps), e.g. ``postgresql+psycopg2://host/optuna``;
+            None: ``sqlite:///<storage_path>/<name>/optuna.db``. A resume must name the same one.
+        trial_fn: replaces :func:`roli_sweep.core.trial.run_trial` in every trial (``benchmarks/driver_scale.py``'s
+            trivial trial, which times the stack around the trials); None for real trials. Not a user option.
 
     Raises:
         FileNotFoundError: ``resume`` asked for but no restorable sweep at ``storage_path / name``.
@@ -144,7 +157,9 @@ def run_sweep(
         elif started:  # recorded, so that a killed driver's runtime is ended at the next start
             start_local_runtime(storage_path, num_cpus)
         try:
-            return _sweep(space, space_path, name, tracking_uri, storage_path, resume, probe_cache, seed_from)
+            study_url = study_storage or sqlite_study_url(experiment_dir)
+            return _sweep(space, space_path, name, tracking_uri, storage_path, resume, probe_cache, seed_from,
+                          study_url, trial_fn)
         finally:
             if started and address:
                 ray.shutdown()
@@ -153,7 +168,8 @@ def run_sweep(
 
 
 def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, storage_path: Path,
-           resume: bool, probe_cache: bool, seed_from: str | None) -> SweepOutcome:
+           resume: bool, probe_cache: bool, seed_from: str | None, study_url: str,
+           trial_fn: Callable[..., Any] | None = None) -> SweepOutcome:
     """:func:`run_sweep` on a running Ray runtime."""
     experiment_dir = storage_path / name
     started = time.perf_counter()
@@ -162,18 +178,21 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
     base = space.base  # typed across Ray: each trial validates only its sampled values (apply_overrides)
     threads = max(1, int(space.resources.cpu))
     cache = str(experiment_dir / PROBE_CACHE) if probe_cache else None
-    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads, probe_cache=cache),
+    state_root = experiment_dir / TRIAL_STATE
+    trainable = tune.with_resources(tune.with_parameters(run_tune_trial, base=base, threads=threads,
+                                                         state_root=str(state_root), probe_cache=cache,
+                                                         trial_fn=trial_fn),
                                     {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     if resume:
-        # completed and failed trials are kept; unfinished ones continue from their last checkpoint
+        # completed and failed trials are kept; unfinished ones restart and continue after their last saved epoch
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
         save_sweep_space(space, experiment_dir)
-        tuner = _new_tuner(space, name, storage_path, trainable,
+        tuner = _new_tuner(space, name, storage_path, study_url, trainable,
                            MlflowTrialCallback(tracking_uri, space.name, parent_run_id, name, base, space.arms))
         if seed_from:
-            seeded = _seed(space, name, storage_path, seed_from)
+            seeded = _seed(space, name, storage_path, study_url, seed_from)
             client.log_batch(parent_run_id, params=[Param("seeded_from", seed_from),
                                                     Param("seeded_trials", str(seeded))])
     interruption = Interruption()
@@ -181,7 +200,7 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
     try:
         with interruption.during_fit():
             grids.append(tuner.fit())
-        rows = _rows(grids[0], space.base.finetune.epochs)
+        rows = _rows(grids[0], space.base.finetune.epochs, state_root, name)
         outcome = SweepOutcome(name, rows, parent_run_id, space.name, tracking_uri, storage_path,
                                interrupted=interruption.pressed,
                                experiment_id=client.get_run(parent_run_id).info.experiment_id)
@@ -193,7 +212,7 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
             if confirmation is not None:
                 with interruption.during_fit():
                     grids.append(confirmation.fit())
-                outcome.confirmation = _rows(grids[1], space.base.finetune.epochs)
+                outcome.confirmation = _rows(grids[1], space.base.finetune.epochs, state_root, CONFIRMATION)
                 outcome.interrupted = interruption.pressed
     except BaseException:
         client.set_terminated(parent_run_id, "FAILED")
@@ -210,21 +229,29 @@ def _sweep(space: SearchSpace, space_path: Path, name: str, tracking_uri: str, s
         mark_interrupted(client, parent_run_id)
         outcome.interrupted = True
         return outcome
-    analyse_sweep(outcome, SweepFacts(space, f"sqlite:///{experiment_dir / OPTUNA_DB}", confirmation_seeds(space)))
+    analyse_sweep(outcome, SweepFacts(space, study_url, confirmation_seeds(space)))
     outcome.compute = compute_accounting(grids, space, final_seconds, time.perf_counter() - started)
     log_sweep_end(client, outcome)
     return outcome
 
 
-def _storage(sweep_dir: Path) -> optuna.storages.RDBStorage:
+def sqlite_study_url(sweep_dir: Path) -> str:
+    """The default home of a sweep's Optuna studies: ``sqlite:///<sweep_dir>/optuna.db``."""
+    return f"sqlite:///{sweep_dir / OPTUNA_DB}"
+
+
+def _storage(url: str, sweep_dir: Path) -> optuna.storages.RDBStorage:
     sweep_dir.mkdir(parents=True, exist_ok=True)  # SQLite does not create folders
-    return optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / OPTUNA_DB}")
+    return optuna.storages.RDBStorage(url)
 
 
-def _seed(space: SearchSpace, name: str, storage_path: Path, seed_from: str) -> int:
+def _seed(space: SearchSpace, name: str, storage_path: Path, study_url: str, seed_from: str) -> int:
     """Start each study of the new sweep (one per arm) with the finished trials of the old sweep's same study that
-    are points of the new space; an arm the old sweep did not have starts empty. Returns the trials copied."""
-    storage, source = _storage(storage_path / name), _storage(storage_path / seed_from)
+    are points of the new space; an arm the old sweep did not have starts empty. The old sweep's studies are read
+    from its folder's ``optuna.db`` when it has one, else from ``study_url``. Returns the trials copied."""
+    old_dir = storage_path / seed_from
+    old_url = sqlite_study_url(old_dir) if (old_dir / OPTUNA_DB).is_file() else study_url
+    storage, source = _storage(study_url, storage_path / name), _storage(old_url, old_dir)
     directions = ["maximize"] * (2 if space.metric.multi_objective else 1)
     seeded = 0
     for value in space.arm_values():
@@ -236,13 +263,13 @@ def _seed(space: SearchSpace, name: str, storage_path: Path, seed_from: str) -> 
     return seeded
 
 
-def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable,
+def _new_tuner(space: SearchSpace, name: str, storage_path: Path, study_url: str, trainable,
                mlflow_callback: MlflowTrialCallback) -> tune.Tuner:
-    """A fresh Tuner: the Optuna studies stored in ``<storage_path>/<name>/optuna.db`` (one per arm: equal budgets,
-    each sampled on its own history), ASHA (one per arm), the callbacks, and one checkpoint kept per trial (the
+    """A fresh Tuner: the Optuna studies stored at ``study_url`` (one per arm: equal budgets,
+    each sampled on its own history), ASHA (one per arm), the callbacks, and one saved epoch kept per trial (the
     latest: it resumes the trial, and after the last epoch holds the tested state for the final evaluation)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _storage(storage_path / name)
+    storage = _storage(study_url, storage_path / name)
     pruned_on = f"best_{space.metric.name}"
     objectives = ["best_val_clean_acc", pruned_on] if space.metric.multi_objective else pruned_on
     modes = ["max", "max"] if space.metric.multi_objective else "max"
@@ -259,7 +286,6 @@ def _new_tuner(space: SearchSpace, name: str, storage_path: Path, trainable,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, max_concurrent=space.max_concurrent),
                                     scheduler=scheduler, num_samples=space.num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage_path), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[mlflow_callback, ConsoleProgress(
                                       space.num_samples, list(space.parameters), space.base.probe.epochs,
                                       space.base.finetune.epochs)]),
@@ -294,7 +320,6 @@ def _confirmation_tuner(space: SearchSpace, name: str, storage_path: Path, train
                                                                      max_concurrent=space.max_concurrent),
                                     num_samples=len(configs), reuse_actors=True),
         run_config=tune.RunConfig(name=CONFIRMATION, storage_path=str(storage_path / name), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[callback, ConsoleProgress(
                                       len(configs), [*space.parameters, "seed"], space.base.probe.epochs,
                                       space.base.finetune.epochs)]),

@@ -153,6 +153,13 @@ def test_stores_folders_and_sweeps_are_checked_before_anything_starts(tmp_path, 
     _refused(tmp_path, capsys, argv + ["--tracking-uri", "nosuchscheme://host/x"], "--tracking-uri",
              "'nosuchscheme://host/x'", "sqlite")
     _refused(tmp_path, capsys, argv + ["--tracking-uri", f"sqlite:///{tmp_path}/missing/mlflow.db"], "does not exist")
+    _refused(tmp_path, capsys, argv + ["--study-storage", "not a url"], "--study-storage", "'not a url'",
+             "postgresql+psycopg2://")
+    out = _refused(tmp_path, capsys, argv + ["--study-storage", "nosuchdb://u:secret@h/x"], "--study-storage",
+                   "no dialect 'nosuchdb'", "***")
+    assert "secret" not in out
+    _refused(tmp_path, capsys, argv + ["--study-storage", f"sqlite:///{tmp_path}/missing/optuna.db"], "--study-storage",
+             "a folder that exists")
     _refused(tmp_path, capsys, argv + ["--storage-path", str(afile)], "--storage-path", "is a file")
     _refused(tmp_path, capsys, argv + ["--storage-path", str(afile / "below")], "--storage-path", "is a file")
     _refused(tmp_path, capsys, argv + ["--resume", "--name", "never_ran"], "--resume --name: no sweep 'never_ran'")

@@ -24,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 with a sqlite store, once it answers ``/health``."""
+def start_mlflow_server(tmp_path: Path, backend: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 with ``backend`` as its store (default: a sqlite file), once it answers
+    ``/health``."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend or f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"

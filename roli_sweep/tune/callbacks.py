@@ -3,7 +3,6 @@
 own exception, in plain words."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -12,20 +11,18 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from roli_sweep.names import arm_label
+from roli_sweep.names import arm_label, config_fingerprint
 from roli_sweep.config import ConfigError, TrialConfig, apply_overrides
 from roli_sweep.console import ProgressLines
 from roli_sweep.live_view import LiveTable, interactive
 from roli_sweep.tracking import (ROLE_TAG, describe_trial_run, experiment_id, filter_value, log_epoch_metrics,
-                                  trial_status)
+                                  provenance_tags, trial_status)
 from roli_sweep.tune.failures import failure_reason
 
 logger = logging.getLogger(__name__)
 
-
-def config_fingerprint(config: dict[str, Any]) -> str:
-    """A trial config as one string (keys sorted), to find the tags planned for it."""
-    return json.dumps(config, sort_keys=True, default=str)
+SEARCH_PAGE = 10_000
+"""Runs per page when a restored sweep reads back its child runs (MLflow's SQL store allows up to 50,000)."""
 
 
 class MlflowTrialCallback(tune.Callback):
@@ -47,12 +44,15 @@ class MlflowTrialCallback(tune.Callback):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
         self.sweep, self.base, self.arms, self.role, self.run_tags = sweep, base, arms, role, run_tags or {}
         self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._provenance: dict[str, str] | None = None  # read once per sweep, not once per trial
+        self._earlier: dict[str, str] | None = {}  # trial id -> child run of an earlier run of this sweep; None: unread
         self._runs: dict[str, str] = {}
         self._logged: dict[str, int] = {}  # trial id -> last epoch logged
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_client"], state["_runs"], state["_logged"] = None, {}, {}
+        state["_client"], state["_runs"], state["_logged"], state["_earlier"] = None, {}, {}, None
         return state
 
     @property
@@ -60,6 +60,22 @@ class MlflowTrialCallback(tune.Callback):
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
+
+    def _earlier_runs(self, experiment: str) -> dict[str, str]:
+        """The child runs this sweep's role already has (trial id -> run id): none for a new sweep; for a restored
+        one, read with one paged search when the first trial starts, so a trial start never searches the store."""
+        if self._earlier is None:
+            self._earlier, token = {}, None
+            while True:
+                page = self.client.search_runs([experiment], filter_string=(
+                    f"tags.sweep = {filter_value(self.sweep)} and tags.{ROLE_TAG} = {filter_value(self.role)}"),
+                    max_results=SEARCH_PAGE, page_token=token)
+                self._earlier.update({run.data.tags["trial_id"]: run.info.run_id for run in page
+                                      if "trial_id" in run.data.tags})
+                token = page.token
+                if not token:
+                    break
+        return self._earlier
 
     def _describe(self, run_id: str, trial) -> None:
         """Log the trial's resolved config; a sampled combination the config rejects is logged as such
@@ -69,14 +85,16 @@ class MlflowTrialCallback(tune.Callback):
         except ConfigError as err:
             self.client.log_text(run_id, str(err), "config_error.txt")
             return
-        describe_trial_run(self.client, run_id, cfg)
+        if self._provenance is None:
+            self._provenance = provenance_tags()
+        describe_trial_run(self.client, run_id, cfg, self._provenance)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        exp = experiment_id(self.client, self.experiment)
-        found = self.client.search_runs([exp], filter_string=(
-            f"tags.trial_id = {filter_value(trial.trial_id)} and tags.sweep = {filter_value(self.sweep)}"))
-        if found:
-            run_id = found[0].info.run_id
+        if self._experiment_id is None:
+            self._experiment_id = experiment_id(self.client, self.experiment)
+        exp = self._experiment_id
+        run_id = self._earlier_runs(exp).get(trial.trial_id)
+        if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "status", "running")
             steps = [m.step for m in self.client.get_metric_history(run_id, "train_loss")]
@@ -87,7 +105,7 @@ class MlflowTrialCallback(tune.Callback):
                 "mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id, "sweep": self.sweep,
                 ROLE_TAG: self.role, "status": "running", **arm,
                 **self.run_tags.get(config_fingerprint(trial.config), {})})
-            run_id = run.info.run_id
+            run_id = self._earlier[trial.trial_id] = run.info.run_id  # a restart of the trial reuses it
             self._describe(run_id, trial)
             self.client.log_batch(run_id, tags=[RunTag(f"sampled.{k}", str(v)) for k, v in trial.config.items()])
             self._logged[trial.trial_id] = -1
