@@ -1,6 +1,7 @@
 """Measure the image-list pipeline at Caltech-256's size: decoded-image cache, streaming loader, memory per trial.
 
     python benchmarks/data_pipeline.py [--tree /tmp/caltech256_synthetic] [--images 30607] [--workers 1]
+    python benchmarks/data_pipeline.py --train [--train-size 256]      # one whole trial of the preset on the tree
 
 1. Writes (once; reused when it exists) a synthetic image tree of Caltech-256's shape: ``--images`` JPEGs in
    257 class folders (``001.class0`` ...), class sizes from 80 up, image sizes drawn like photographs of the
@@ -19,6 +20,9 @@
    - two trials started together on an empty cache (one decodes, the other waits for it).
 3. Prints the cache's disk use, the decoded dataset's size, and the cores one GPU needs to be fed at
    ``--gpu-rate`` images/s (ViT-B PGD-7 training on one H100-class GPU: about 1,100).
+4. With ``--train``, runs one whole trial of the preset on the tree (:func:`train_trial`): the reference augmentation
+   at 224 px from the built cache, PGD-7 training, stage 1 then stage 2 (LoRA), on a Swin scaled down to run on a
+   CPU (random weights: no pretrained file here) and ``--train-size`` training images; prints each epoch.
 
 Numbers only, never asserted: they depend on the machine and on what else runs on it; run it alone.
 """
@@ -138,6 +142,46 @@ def trial(tree: Path, workers: int, batches: int, seed: int) -> dict:
             "decoded_bytes": splits.train.images.nbytes}
 
 
+def train_trial(tree: Path, train_size: int, workers: int) -> None:
+    """One trial of the caltech256 LoRA preset on ``tree`` through :func:`roli_sweep.core.trial.run_trial`, as the
+    preset says (data path, ``augment: reference`` at 224 px, PGD-7 at 8/255, optimisers, LoRA r 16 on qkv, RoLI)
+    except: a Swin of the reference's shape cut to run on a CPU (embed 16, depths 1 + 1, images resized to 56 px
+    inside the model, random weights), ``train_size`` training and 64 val / test images, one epoch per stage, no
+    warm-up, batch 32, CPU."""
+    import yaml
+
+    from roli_sweep.config import parse_search_space
+    from roli_sweep.core.trial import run_trial
+
+    tree_yaml = yaml.safe_load(PRESET.read_text())
+    base = tree_yaml["base"]
+    base.update(device="cpu", precision="fp32")
+    base["data"].update(root=str(tree / "images"), split_dir=str(tree / "splits"), num_workers=workers,
+                        train_size=train_size, val_size=64, test_size=64)
+    base["backbone"].update(weights=None, input_size=56, kwargs={**base["backbone"]["kwargs"], "img_size": 56,
+                            "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 7})
+    for stage in ("probe", "finetune"):
+        base[stage].update(epochs=1, warmup_epochs=0, batch_size=32)
+    base["eval"].update(batch_size=64)
+    tree_yaml.update(scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 1})
+    cfg = parse_search_space(tree_yaml, str(PRESET)).base
+    print(f"trial of {PRESET.name} on {tree}: augment {cfg.data.augment}, {cfg.data.image_size} px, "
+          f"PGD-{cfg.attack.steps} eps {cfg.attack.eps:.4f}, {cfg.finetune.method} r {cfg.finetune.method_params['r']}, "
+          f"{cfg.finetune.head_init}, {train_size} training images", flush=True)
+    started = time.perf_counter()
+
+    def on_epoch(stage: str, metrics: dict) -> None:
+        shown = {k: v for k, v in metrics.items() if k in ("epoch", "train_loss", "train_robust_acc", "val_clean_acc",
+                                                          "val_robust_acc", "test_clean_acc", "test_robust_acc")}
+        print(f"  {time.perf_counter() - started:6.1f} s  {stage}: "
+              + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()), flush=True)
+
+    result = run_trial(cfg, on_epoch=on_epoch)
+    print(f"trial done in {time.perf_counter() - started:.1f} s: test clean {result.metrics['test_clean_acc']:.3f}, "
+          f"test robust {result.metrics['test_robust_acc']:.3f} (random weights, synthetic images: chance is "
+          f"{1 / 257:.4f})", flush=True)
+
+
 def run_trials(tree: Path, cache: Path, count: int, workers: int, batches: int) -> list[dict]:
     """``count`` trial processes started together; their reports."""
     env = {**os.environ, "ROLI_SWEEP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
@@ -173,6 +217,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per trial")
     parser.add_argument("--batches", type=int, default=30, help="batches of 64 timed after the first")
     parser.add_argument("--gpu-rate", type=float, default=1100.0, help="images/s one GPU trains at")
+    parser.add_argument("--train", action="store_true", help="only: one whole trial of the preset on the tree "
+                                                                 "(writes the tree first if needed)")
+    parser.add_argument("--train-size", type=int, default=256, help="training images of the --train trial")
     parser.add_argument("--trial", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,6 +229,10 @@ def main() -> None:
 
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores")
     stats = write_tree(args.tree, args.images)
+    if args.train:
+        os.environ.setdefault("ROLI_SWEEP_CACHE", str(args.tree.parent / f"{args.tree.name}_cache"))
+        train_trial(args.tree, args.train_size, args.workers)
+        return
     print(f"tree: {stats['images']} JPEGs, {stats['classes']} classes, train {stats['train']} / val {stats['val']} / "
           f"test {stats['test']}, {stats['jpeg_bytes'] / 2**30:.2f} GiB of JPEG")
     cache = args.tree.parent / f"{args.tree.name}_cache"

@@ -1,7 +1,7 @@
 """The sweep driver's cost per trial at 100 to 10,000 trials, against the bare Ray Tune stack, by component.
 
     python benchmarks/driver_scale.py --trials 100 1000 [10000] [--epochs 2] [--space search_spaces/lora.yaml]
-        [--dir DIR] [--num-cpus 2] [--max-concurrent 2] [--cpu-per-trial 1]
+        [--dir DIR] [--num-cpus 2] [--max-concurrent 2] [--cpu-per-trial 1] [--limit-s SECONDS]
 
 For each trial count, two sweeps run one after the other, each in its own process with its own local Ray runtime
 (``--num-cpus``, default 2) and a fresh SQLite MLflow store, on trivial trials that report at once, so what is timed
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,11 +102,20 @@ def trivial_trial(cfg, on_epoch, checkpoint_dir: Path | None = None, resume_dir:
 
 
 class Clock:
-    """Seconds spent in wrapped functions, by component, and the times trials ended."""
+    """Seconds spent in wrapped functions, by component, and the times trials ended; every ``progress_every`` trial
+    ends a ``PROGRESS <trials ended> <seconds since start>`` line on stdout, so a sweep stopped at ``--limit-s`` is
+    still reported up to where it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress_every: int = 0) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.ends: list[float] = []
+        self.started = time.perf_counter()
+        self.progress_every = progress_every
+
+    def trial_ended(self, now: float) -> None:
+        self.ends.append(now)
+        if self.progress_every and len(self.ends) % self.progress_every == 0:
+            print(f"PROGRESS {len(self.ends)} {now - self.started:.2f}", flush=True)
 
     def wrap(self, owner: Any, name: str, component: str, ends: bool = False) -> None:
         original = getattr(owner, name)
@@ -119,7 +129,7 @@ class Clock:
                 now = time.perf_counter()
                 self.seconds[component] += now - start
                 if ends:
-                    self.ends.append(now)
+                    self.trial_ended(now)
 
         setattr(owner, name, timed)
 
@@ -170,7 +180,7 @@ def run_bare(space, folder: Path, num_cpus: int) -> dict:
         else:
             params[key] = tune.loguniform(min(s.min for s in specs), max(s.max for s in specs))
     epochs = space.base.finetune.epochs
-    clock = Clock()
+    clock = Clock(progress_every=max(1, space.num_samples // 100))
     for name in ("suggest", "on_trial_result", "on_trial_complete"):
         clock.wrap(OptunaSearch, name, "Optuna study (in memory) and TPE")
     for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
@@ -185,11 +195,11 @@ def run_bare(space, folder: Path, num_cpus: int) -> dict:
 
     class Ends(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            clock.ends.append(time.perf_counter())
+            clock.trial_ended(time.perf_counter())
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     set_tune_environment()
-    started = time.perf_counter()
+    started = clock.started = time.perf_counter()
     start_local_runtime(folder, num_cpus)
     runtime = time.perf_counter() - started
     try:
@@ -229,7 +239,7 @@ def run_roli(space, space_path: Path, folder: Path, num_cpus: int) -> dict:
     from roli_sweep.tune.searcher import TruthfulOptunaSearch
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    clock = Clock()
+    clock = Clock(progress_every=max(1, space.num_samples // 100))
     events = ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error")
     for name in events:
         clock.wrap(MlflowTrialCallback, name, "MLflow child runs")
@@ -247,7 +257,7 @@ def run_roli(space, space_path: Path, folder: Path, num_cpus: int) -> dict:
         clock.wrap(sweep, name, "results read back (rows, compute)")
     clock.wrap(sweep, "analyse_sweep", "end-of-sweep analyses")
     clock.wrap(sweep, "log_sweep_end", "parent run (end: findings, tables, plots)")
-    started = time.perf_counter()
+    started = clock.started = time.perf_counter()
     outcome = sweep.run_sweep(space, space_path, "roli", f"sqlite:///{folder / 'mlflow.db'}", folder,
                               num_cpus=num_cpus, trial_fn=trivial_trial)
     before_tables = time.perf_counter()
@@ -284,6 +294,8 @@ def main() -> None:
     parser.add_argument("--cpu-per-trial", type=float, default=1.0, help="Ray CPUs per trial (both stacks)")
     parser.add_argument("--epochs", type=int, help="finetune epochs per trial, with one probe epoch (default: the "
                                                    "space's own)")
+    parser.add_argument("--limit-s", type=float, help="stop a sweep that runs longer than this and report it up to "
+                                                      "where it got (default: no limit)")
     parser.add_argument("--stacks", nargs="+", default=["bare", "roli_sweep"], choices=["bare", "roli_sweep"])
     parser.add_argument("--one", choices=["bare", "roli_sweep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,43 +315,100 @@ def main() -> None:
         for stack in args.stacks:
             folder = root / f"{stack}_{trials}"
             log = root / f"{stack}_{trials}.log"
-            with open(log, "w") as out:
-                child = subprocess.run(
-                    [sys.executable, __file__, "--one", stack, "--trials", str(trials), "--space", str(args.space),
-                     "--dir", str(folder), "--num-cpus", str(args.num_cpus), "--max-concurrent",
-                     str(args.max_concurrent), "--cpu-per-trial", str(args.cpu_per_trial),
-                     *(["--epochs", str(args.epochs)] if args.epochs else [])], stdout=out, stderr=subprocess.STDOUT, text=True,
-                    env={**os.environ, "PYTHONPATH": str(REPO)})
+            command = [sys.executable, __file__, "--one", stack, "--trials", str(trials), "--space", str(args.space),
+                       "--dir", str(folder), "--num-cpus", str(args.num_cpus), "--max-concurrent",
+                       str(args.max_concurrent), "--cpu-per-trial", str(args.cpu_per_trial),
+                       *(["--epochs", str(args.epochs)] if args.epochs else [])]
+            code = run_limited(command, log, folder, args.limit_s)
             lines = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
-            if child.returncode != 0 or not lines:
-                print(f"{stack} at {trials} trials failed (exit {child.returncode}); log: {log}", flush=True)
+            if code is None:
+                result = {"stack": stack, "trials": trials, "stopped_s": args.limit_s}
+            elif code != 0 or not lines:
+                print(f"{stack} at {trials} trials failed (exit {code}); log: {log}", flush=True)
                 sys.exit(1)
-            result = json.loads(lines[-1][len("RESULT "):])
+            else:
+                result = json.loads(lines[-1][len("RESULT "):])
+            result["progress"] = progress(log)
             results.append(result)
             _print(result)
     _summary(results)
 
 
+def run_limited(command: list[str], log: Path, folder: Path, limit_s: float | None) -> int | None:
+    """Run one sweep's process with its output in ``log``; past ``limit_s`` seconds kill it and the Ray runtime it
+    started (:func:`roli_sweep.tune.runtime.end_stale_runtime`) and return None, else its exit status."""
+    from roli_sweep.tune.runtime import end_stale_runtime
+
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            return child.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            end_stale_runtime(folder)
+            return None
+
+
+def progress(log: Path) -> list[tuple[int, float]]:
+    """The ``PROGRESS`` lines of a sweep's log: (trials ended, seconds since its start)."""
+    points = []
+    for line in log.read_text().splitlines():
+        if line.startswith("PROGRESS "):
+            ended, seconds = line.split()[1:]
+            points.append((int(ended), float(seconds)))
+    return points
+
+
+def by_tenth(points: list[tuple[int, float]], trials: int) -> list[float]:
+    """Seconds per trial in each tenth of ``trials`` reached (from the progress points)."""
+    rates, previous = [], (0, 0.0)
+    for ended, seconds in points:
+        if ended % max(1, trials // 10) == 0:
+            rates.append((seconds - previous[1]) / (ended - previous[0]))
+            previous = (ended, seconds)
+    return rates
+
+
 def _print(r: dict) -> None:
     n = r["trials"]
+    tenths = " ".join(f"{rate:.3f}" for rate in by_tenth(r["progress"], n))
+    if "stopped_s" in r:
+        ended, seconds = r["progress"][-1] if r["progress"] else (0, 0.0)
+        print(f"\n{r['stack']}, {n} trials: STOPPED at the {r['stopped_s']:.0f} s limit with {ended} trials ended "
+              f"({seconds / max(ended, 1):.3f} s per trial to there); s per trial by tenth reached: {tenths}",
+              flush=True)
+        return
     print(f"\n{r['stack']}, {n} trials: {r['wall_s']:.1f} s, {r['wall_s'] / n:.3f} s per trial "
-          f"(first tenth {r['first_tenth_s']:.3f}, last tenth {r['last_tenth_s']:.3f})", flush=True)
-    if r["components"]:
-        accounted = sum(r["components"].values())
-        for name, seconds in sorted(r["components"].items(), key=lambda kv: -kv[1]):
-            print(f"  {name:45s} {seconds / n * 1000:8.1f} ms per trial", flush=True)
-        print(f"  {'Ray Tune and the rest':45s} {(r['wall_s'] - accounted) / n * 1000:8.1f} ms per trial", flush=True)
+          f"(first tenth {r['first_tenth_s']:.3f}, last tenth {r['last_tenth_s']:.3f}); s per trial by tenth: "
+          f"{tenths}", flush=True)
+    accounted = sum(r["components"].values())
+    for name, seconds in sorted(r["components"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:45s} {seconds / n * 1000:8.1f} ms per trial", flush=True)
+    print(f"  {'Ray Tune and the rest':45s} {(r['wall_s'] - accounted) / n * 1000:8.1f} ms per trial", flush=True)
 
 
 def _summary(results: list[dict]) -> None:
     by = {(r["stack"], r["trials"]): r for r in results}
     print("\ntrials   bare s/trial   roli_sweep s/trial   ratio   (last tenth: bare / roli_sweep)")
-    print("(whole wall time over the trials, Ray runtime start and stop included)")
+    print("(whole wall time over the trials, Ray runtime start and stop included; a stopped sweep: to where it got)")
     for trials in sorted({r["trials"] for r in results}):
         bare, roli = by.get(("bare", trials)), by.get(("roli_sweep", trials))
         if bare and roli:
-            print(f"{trials:6d}   {bare['wall_s'] / trials:12.3f}   {roli['wall_s'] / trials:18.3f}   "
-                  f"{roli['wall_s'] / bare['wall_s']:5.2f}   ({bare['last_tenth_s']:.3f} / {roli['last_tenth_s']:.3f})")
+            b, r = _per_trial(bare), _per_trial(roli)
+            print(f"{trials:6d}   {b[0]:12.3f}   {r[0]:18.3f}   {r[0] / b[0]:5.2f}   ({b[1]:.3f} / {r[1]:.3f})"
+                  + ("   (stopped: " + ", ".join(x["stack"] for x in (bare, roli) if "stopped_s" in x) + ")"
+                     if "stopped_s" in bare or "stopped_s" in roli else ""))
+
+
+def _per_trial(r: dict) -> tuple[float, float]:
+    """(seconds per trial, seconds per trial over the last tenth reached) of one sweep, whole or stopped."""
+    if "stopped_s" not in r:
+        return r["wall_s"] / r["trials"], r["last_tenth_s"]
+    ended, seconds = r["progress"][-1] if r["progress"] else (1, float("nan"))
+    tenths = by_tenth(r["progress"], r["trials"])
+    return seconds / ended, tenths[-1] if tenths else float("nan")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Ray Tune box: progress co
 from ray import tune  # noqa: E402
 
 from roli_sweep.config import ParameterSpec, SearchSpace, load_search_space  # noqa: E402
+from roli_sweep.tune.epoch_store import TRIAL_STATE  # noqa: E402
 from roli_sweep.tune.trainable import run_tune_trial  # noqa: E402
 
 
@@ -127,15 +128,15 @@ def run_grid(space: SearchSpace, grid: dict[str, list[Any]], storage: Path, name
     Ray runtime, ``space.max_concurrent`` at a time."""
     threads = max(1, int(space.resources.cpu))
     trainable = tune.with_resources(
-        tune.with_parameters(run_tune_trial, base=space.base, threads=threads, probe_cache=str(probe_cache)),
+        tune.with_parameters(run_tune_trial, base=space.base, threads=threads,
+                             state_root=str(storage / TRIAL_STATE), probe_cache=str(probe_cache)),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
     tuner = tune.Tuner(
         trainable,
         param_space={key: tune.grid_search(values) for key, values in grid.items()},
         tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
-                                  callbacks=[GridProgress(name, size(grid))],
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                  callbacks=[GridProgress(name, size(grid))]))
     points = []
     for result in tuner.fit():
         m = result.metrics or {}

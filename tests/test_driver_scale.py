@@ -43,3 +43,17 @@ def test_driver_scale_runs_both_stacks_through_the_whole_sweep(tmp_path):
         assert len(study.trials) == 4 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     saved = list((tmp_path / "roli_sweep_8" / "roli" / "trial_state" / "roli").iterdir())
     assert len(saved) == 8 and all([p.name for p in trial.iterdir()] == ["current"] for trial in saved)
+
+
+@pytest.mark.extended
+def test_a_sweep_past_the_limit_is_stopped_and_reported_to_where_it_got(tmp_path):
+    """``--limit-s``: the sweep's process and its Ray runtime are ended, the benchmark goes on and prints the trials
+    that ended before the limit, with their per-trial time."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "driver_scale.py"), "--trials", "5000",
+                          "--stacks", "bare", "--limit-s", "45", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith("bare, 5000 trials: STOPPED"))
+    ended = int(line.split(" with ")[1].split()[0])
+    assert 0 < ended < 5000, line
+    assert "RESULT" not in (tmp_path / "bare_5000.log").read_text()
