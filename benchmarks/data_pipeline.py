@@ -152,6 +152,7 @@ def train_trial(tree: Path, train_size: int, workers: int) -> None:
 
     from roli_sweep.config import parse_search_space
     from roli_sweep.core.trial import run_trial
+    from roli_sweep.records import eps_fraction
 
     tree_yaml = yaml.safe_load(PRESET.read_text())
     base = tree_yaml["base"]
@@ -163,10 +164,10 @@ def train_trial(tree: Path, train_size: int, workers: int) -> None:
     for stage in ("probe", "finetune"):
         base[stage].update(epochs=1, warmup_epochs=0, batch_size=32)
     base["eval"].update(batch_size=64)
-    tree_yaml.update(scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 1})
+    tree_yaml.update(name=PRESET.stem, scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 1})
     cfg = parse_search_space(tree_yaml, str(PRESET)).base
     print(f"trial of {PRESET.name} on {tree}: augment {cfg.data.augment}, {cfg.data.image_size} px, "
-          f"PGD-{cfg.attack.steps} eps {cfg.attack.eps:.4f}, {cfg.finetune.method} r {cfg.finetune.method_params['r']}, "
+          f"PGD-{cfg.attack.steps} eps {eps_fraction(cfg.attack.eps)}, {cfg.finetune.method} r {cfg.finetune.method_params['r']}, "
           f"{cfg.finetune.head_init}, {train_size} training images", flush=True)
     started = time.perf_counter()
 

@@ -38,6 +38,10 @@ def clock(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+OPEN = ("pending", "running")
+"""The statuses of a trial that has not ended."""
+
+
 @dataclass
 class TrialLine:
     """One trial's state, for the estimate of what is left."""
@@ -62,39 +66,66 @@ class ProgressLines:
     finetune_epochs: int
     lines: dict[str, TrialLine] = field(default_factory=dict)
     start: float = field(default_factory=time.monotonic)
+    by_status: dict[str, int] = field(init=False)
+    """Trials by status, kept with :meth:`_set` so that an event costs the same at the 10,000th trial."""
+    epochs_done: int = field(init=False)
+    open_epochs_done: int = field(init=False)
+    """Epochs finished by every trial, and by the trials still pending or running."""
+
+    def __post_init__(self) -> None:
+        self.by_status, self.epochs_done, self.open_epochs_done = {}, 0, 0
+        for line in self.lines.values():
+            self._count(line, 1)
+
+    def _count(self, line: TrialLine, sign: int) -> None:
+        self.by_status[line.status] = self.by_status.get(line.status, 0) + sign
+        self.epochs_done += sign * line.epochs_done
+        if line.status in OPEN:
+            self.open_epochs_done += sign * line.epochs_done
+
+    def _line(self, trial_id: str, sampled: dict[str, Any] | None = None) -> TrialLine:
+        if trial_id not in self.lines:
+            self.lines[trial_id] = TrialLine(trial_id, {k: sampled.get(k) for k in self.parameters} if sampled else {})
+            self._count(self.lines[trial_id], 1)
+        return self.lines[trial_id]
+
+    def _set(self, line: TrialLine, status: str, epochs_done: int | None = None) -> None:
+        self._count(line, -1)
+        line.status = str(status)
+        line.epochs_done = line.epochs_done if epochs_done is None else epochs_done
+        self._count(line, 1)
 
     def _say(self, text: str) -> None:
         print(f"[{clock(time.monotonic() - self.start)}] {text}", flush=True)
 
     def started(self, trial_id: str, sampled: dict[str, Any]) -> None:
-        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {k: sampled.get(k) for k in self.parameters}))
-        line.status = "running"
+        line = self._line(trial_id, sampled)
+        self._set(line, "running")
         values = ", ".join(f"{k.split('.')[-1]} {short(v)}" for k, v in line.sampled.items())
         self._say(f"trial {trial_id} started: {values}")
 
     def progress(self, trial_id: str, result: dict[str, Any]) -> None:
         """A result Ray Tune received: a probe epoch (``probe_epoch``), the end of stage 1, or a finetune epoch."""
-        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
-        line.status = "running"
+        line = self._line(trial_id)
+        self._set(line, "running")
         if result.get("stage") == "probe":
             k = int(result["probe_epoch"])
-            line.epochs_done = k
+            self._set(line, "running", k)
             self._say(f"trial {trial_id}: probe epoch {k}/{self.probe_epochs}, val robust "
                       f"{result['probe_epoch_val_robust_acc']:.3f}")
         elif result.get("stage") == "probe_done":
-            line.epochs_done = self.probe_epochs
+            self._set(line, "running", self.probe_epochs)
             self._say(f"trial {trial_id}: stage-1 probe {result.get('probe', 'done')}, val robust "
                       f"{result.get('probe_val_robust_acc', float('nan')):.3f}")
         elif "epoch" in result and "val_robust_acc" in result:
             k = int(result["epoch"])
-            line.epochs_done = self.probe_epochs + k
+            self._set(line, "running", self.probe_epochs + k)
             self._say(f"trial {trial_id}: finetune epoch {k}/{self.finetune_epochs}, val clean "
                       f"{result['val_clean_acc']:.3f}, robust {result['val_robust_acc']:.3f}")
 
     def finished(self, trial_id: str, status: str, detail: str = "") -> None:
-        line = self.lines.setdefault(trial_id, TrialLine(trial_id, {}))
-        line.status = status
-        done = sum(line.status not in ("running", "pending") for line in self.lines.values())
+        self._set(self._line(trial_id), status)
+        done = self.finished_count()
         left = self.estimate_left()
         self._say(f"trial {trial_id} {status}" + (f": {detail}" if detail else "")
                   + f"; {done}/{self.num_samples} trials finished"
@@ -104,12 +135,15 @@ class ProgressLines:
     def estimate_left(self) -> float | None:
         """Seconds left, from the epochs finished so far per second of sweep time (None before the first one)."""
         per_trial = self.probe_epochs + self.finetune_epochs
-        done = sum(line.epochs_done for line in self.lines.values())
-        if done == 0:
+        if self.epochs_done == 0:
             return None
-        left = sum(per_trial - line.epochs_done for line in self.lines.values() if line.status in ("running", "pending"))
+        left = per_trial * sum(self.by_status.get(status, 0) for status in OPEN) - self.open_epochs_done
         left += per_trial * max(0, self.num_samples - len(self.lines))
-        return left * (time.monotonic() - self.start) / done
+        return left * (time.monotonic() - self.start) / self.epochs_done
+
+    def finished_count(self) -> int:
+        """Trials that ended, whatever their end."""
+        return len(self.lines) - sum(self.by_status.get(status, 0) for status in OPEN)
 
 
 class FinalProgress:

@@ -419,10 +419,17 @@ def input_side(cfg: DataConfig) -> int:
 
 
 def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.ndarray:
-    """Indices of a stratified subsample of ``size`` (all indices when size is None or too big)."""
+    """Indices of a stratified subsample of ``size`` (all indices when size is None or too big).
+
+    A stratified draw needs at least one image per class on each side of the cut and two images in every class
+    (scikit-learn's ``train_test_split``); when ``size`` is below the number of classes (64 images of Caltech-256's
+    257 classes) or the rest would be, or a class has one image, it is a uniform draw of ``size`` from ``seed``."""
     idx = np.arange(len(labels))
     if size is None or size >= len(labels):
         return idx
+    classes, counts = np.unique(labels.numpy(), return_counts=True)
+    if min(size, len(labels) - size) < len(classes) or counts.min() < 2:
+        return np.sort(np.random.default_rng(seed).choice(idx, size=size, replace=False))
     taken, _ = train_test_split(idx, train_size=size, stratify=labels.numpy(), random_state=seed)
     return np.sort(taken)
 

@@ -224,7 +224,7 @@ class LiveTable(ProgressLines):
 
     def counts(self) -> dict[str, int]:
         """Finished trials by end state (``completed``, ``pruned``, ``failed``)."""
-        return {state: sum(str(line.status) == state for line in self.lines.values()) for state in ENDED}
+        return {state: self.by_status.get(state, 0) for state in ENDED}
 
     def running(self) -> list[str]:
         return [trial_id for trial_id in self.rows if getattr(self.lines.get(trial_id), "status", "") == "running"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from roli_sweep.console import ProgressLines
 from roli_sweep.records import ThreatModel, eps_fraction
@@ -29,6 +31,38 @@ def test_every_event_is_one_line_with_the_elapsed_time_and_an_estimate_at_each_t
     assert "trial t1 failed: DivergenceError: non-finite loss at finetune epoch 3, step 2, lr 10; 1/2 trials finished, " \
            "about " in lines[4] and lines[4].endswith("of trials left (estimate)")
     assert view.estimate_left() is not None
+
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["started", "probe", "probe_done", "epoch", "finished"]),
+                            st.sampled_from(["a", "b", "c", "d"]), st.integers(1, 6),
+                            st.sampled_from(["completed", "pruned", "failed"])), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS)
+def test_the_running_counts_match_a_count_over_every_trial(events):
+    """The finished count and the estimate's epoch sums are kept per event (a sweep's 10,000th trial costs what its
+    first did); after any events they equal a count over every trial's line."""
+    view = ProgressLines(6, ["finetune.lr"], 2, 6, start=0.0)
+    view._say = lambda text: None
+    for kind, trial, k, status in events:
+        if kind == "started":
+            view.started(trial, {"finetune.lr": 0.1})
+        elif kind == "probe":
+            view.progress(trial, {"stage": "probe", "probe_epoch": min(k, 2), "probe_epoch_val_robust_acc": 0.2})
+        elif kind == "probe_done":
+            view.progress(trial, {"stage": "probe_done", "probe_val_robust_acc": 0.2, "epoch": 0})
+        elif kind == "epoch":
+            view.progress(trial, {"stage": "finetune", "epoch": k, "val_clean_acc": 0.5, "val_robust_acc": 0.3})
+        else:
+            view.finished(trial, status)
+        lines = view.lines.values()
+        assert view.finished_count() == sum(line.status not in ("running", "pending") for line in lines)
+        assert view.epochs_done == sum(line.epochs_done for line in lines)
+        assert view.open_epochs_done == sum(line.epochs_done for line in lines if line.status in ("running", "pending"))
+        rebuilt = ProgressLines(6, ["finetune.lr"], 2, 6, lines=view.lines, start=0.0)  # the live table's fallback
+        assert (rebuilt.by_status, rebuilt.epochs_done) == ({k: v for k, v in view.by_status.items() if v},
+                                                             view.epochs_done)
 
 
 def test_threat_model_is_written_as_the_field_writes_it():

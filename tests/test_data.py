@@ -200,3 +200,15 @@ def test_image_list_config_and_files_are_checked(tmp_path):
     (split_dir / "test.json").write_text(json.dumps({"000.class0/train_0.png": "zero"}))
     with pytest.raises(ValueError, match="integer label"):
         load_splits(DataConfig(name="imagefolder", root=str(root), split_dir=str(split_dir), image_size=8), seed=0)
+
+
+def test_a_subset_smaller_than_the_classes_is_a_seeded_draw_not_an_error():
+    """64 val images of Caltech-256's 257 classes cannot be stratified; the draw is then uniform, of the size asked,
+    the same for the same seed. At 2 images per class and more it stays stratified."""
+    from roli_sweep.data import _stratified_take
+
+    labels = torch.arange(40).repeat_interleave(3)  # 40 classes, 3 images each
+    small = _stratified_take(labels, 10, seed=1)
+    assert len(small) == len(set(small.tolist())) == 10 and (small == _stratified_take(labels, 10, seed=1)).all()
+    strat = _stratified_take(labels, 80, seed=1)
+    assert len(strat) == 80 and set(labels[strat].tolist()) == set(range(40))

@@ -268,6 +268,7 @@ def test_ctrl_c_during_the_confirmation_then_resume_finishes_it_once(tmp_path, s
     assert parent.data.metrics["diff.RoLI-RanLI.test_robust_acc_n"] == 2
 
 
+@pytest.mark.extended
 def test_a_killed_drivers_runtime_is_ended_at_the_next_start(tmp_path, space_dict, monkeypatch):
     """SIGKILL leaves Ray's agents behind; the next start ends them by their recorded pids, start times and
     Ray session (the record in this user's state folder, never in the storage folder), then the resumed sweep

@@ -175,6 +175,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
     assert "export the best" in out
 
 
+@pytest.mark.extended
 def test_multi_objective_sweep_reports_a_pareto_front(tmp_path, monkeypatch, ray_runtime, space_dict, capsys):
     monkeypatch.chdir(tmp_path)
     tree = copy.deepcopy(space_dict)
