@@ -167,8 +167,8 @@ def train_trial(tree: Path, train_size: int, workers: int) -> None:
     tree_yaml.update(name=PRESET.stem, scheduler={"grace_period": 1, "reduction_factor": 2, "max_t": 1})
     cfg = parse_search_space(tree_yaml, str(PRESET)).base
     print(f"trial of {PRESET.name} on {tree}: augment {cfg.data.augment}, {cfg.data.image_size} px, "
-          f"PGD-{cfg.attack.steps} eps {eps_fraction(cfg.attack.eps)}, {cfg.finetune.method} r {cfg.finetune.method_params['r']}, "
-          f"{cfg.finetune.head_init}, {train_size} training images", flush=True)
+          f"PGD-{cfg.attack.steps} eps {eps_fraction(cfg.attack.eps)}, {cfg.finetune.method} "
+          f"r {cfg.finetune.method_params['r']}, {cfg.finetune.head_init}, {train_size} training images", flush=True)
     started = time.perf_counter()
 
     def on_epoch(stage: str, metrics: dict) -> None:
@@ -230,13 +230,13 @@ def main() -> None:
 
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores")
     stats = write_tree(args.tree, args.images)
+    cache = args.tree.parent / f"{args.tree.name}_cache"
     if args.train:
-        os.environ.setdefault("ROLI_SWEEP_CACHE", str(args.tree.parent / f"{args.tree.name}_cache"))
+        os.environ.setdefault("ROLI_SWEEP_CACHE", str(cache))
         train_trial(args.tree, args.train_size, args.workers)
         return
     print(f"tree: {stats['images']} JPEGs, {stats['classes']} classes, train {stats['train']} / val {stats['val']} / "
           f"test {stats['test']}, {stats['jpeg_bytes'] / 2**30:.2f} GiB of JPEG")
-    cache = args.tree.parent / f"{args.tree.name}_cache"
     shutil.rmtree(cache, ignore_errors=True)
     (cold,) = run_trials(args.tree, cache, 1, args.workers, args.batches)
     print(_line("1 trial, empty cache (decodes):", cold))

@@ -107,7 +107,6 @@ class ProgressLines:
     def progress(self, trial_id: str, result: dict[str, Any]) -> None:
         """A result Ray Tune received: a probe epoch (``probe_epoch``), the end of stage 1, or a finetune epoch."""
         line = self._line(trial_id)
-        self._set(line, "running")
         if result.get("stage") == "probe":
             k = int(result["probe_epoch"])
             self._set(line, "running", k)
@@ -122,6 +121,8 @@ class ProgressLines:
             self._set(line, "running", self.probe_epochs + k)
             self._say(f"trial {trial_id}: finetune epoch {k}/{self.finetune_epochs}, val clean "
                       f"{result['val_clean_acc']:.3f}, robust {result['val_robust_acc']:.3f}")
+        else:
+            self._set(line, "running")
 
     def finished(self, trial_id: str, status: str, detail: str = "") -> None:
         self._set(self._line(trial_id), status)

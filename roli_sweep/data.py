@@ -427,10 +427,11 @@ def _stratified_take(labels: torch.Tensor, size: int | None, seed: int) -> np.nd
     idx = np.arange(len(labels))
     if size is None or size >= len(labels):
         return idx
-    classes, counts = np.unique(labels.numpy(), return_counts=True)
-    if min(size, len(labels) - size) < len(classes) or counts.min() < 2:
+    y = labels.numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    if min(size, len(y) - size) < len(classes) or counts.min() < 2:
         return np.sort(np.random.default_rng(seed).choice(idx, size=size, replace=False))
-    taken, _ = train_test_split(idx, train_size=size, stratify=labels.numpy(), random_state=seed)
+    taken, _ = train_test_split(idx, train_size=size, stratify=y, random_state=seed)
     return np.sort(taken)
 
 
